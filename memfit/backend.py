@@ -1,0 +1,247 @@
+"""The ``torch.compile`` backend.
+
+Flow for one Dynamo graph that needs gradients::
+
+    Dynamo FX graph ── AOTAutograd ──> joint graph ── memfit partition ──> forward, backward
+                                                     │  (plan → passes)       │
+                                                     └─ memory model ─────────┴─> inner compiler
+
+* ``inner="eager"``: ``aot_autograd`` with memfit's partition function and boxed eager compilers
+  (the graphs run op by op, freeing each value after its last use, and the backward clears its
+  argument list so saved activations die at their last use, as under Inductor). With no plan, the
+  partition is AOTAutograd's ``default_partition``: it saves what eager autograd would save.
+* ``inner="inductor"``: Inductor's own ``compile_fx`` (its decompositions, joint-graph passes and
+  output-stride rules are easy to get subtly wrong when re-implemented), with memfit's partition
+  function installed as Inductor's ``custom_partitioner_fn`` and memfit's compiler wrapped around
+  ``compile_fx_inner``. With no plan, the partition is the min-cut that plain ``torch.compile`` uses,
+  so memfit with no passes is never worse than what the user had.
+
+Graphs that need no gradients (``torch.no_grad``, or no input requires grad) go straight to the
+inner compiler. Every graph compiled leaves a :class:`GraphRecord` on the backend (and in the
+``report=`` file): its forward and backward, the memory model's prediction and the decisions taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+
+from memfit.config import Options, format_bytes, make_options
+from memfit.planner.analysis import StepAnalysis, analyze_pairs
+from memfit.planner.memory import GraphPair
+
+
+@dataclass
+class GraphRecord:
+    """What memfit did with one training graph."""
+
+    name: str
+    pair: GraphPair
+    analysis: StepAnalysis
+    partition: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "partition": self.partition,
+            "notes": list(self.notes),
+            "analysis": self.analysis.to_json(),
+        }
+
+
+_graph_ids = itertools.count()
+
+
+def _requires_grad(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+class MemfitBackend:
+    """A ``torch.compile`` backend; build it with :func:`memfit.backend`."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.records: list[GraphRecord] = []
+        self.inference_graphs = 0
+
+    def __repr__(self) -> str:
+        return f"memfit.backend({self.options})"
+
+    # -- entry point ------------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if not torch.is_grad_enabled() or not any(_requires_grad(x) for x in example_inputs):
+            self.inference_graphs += 1
+            return self._inner_inference(gm, example_inputs)
+        if self.options.inner == "eager":
+            return self._compile_eager(gm, example_inputs)
+        return self._compile_inductor(gm, example_inputs)
+
+    def _inner_inference(self, gm, example_inputs):
+        if self.options.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def _compile_eager(self, gm, example_inputs, *, joint_partitioner="default", decompositions=None):
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(
+            fw_compiler=_boxed_eager,
+            bw_compiler=_boxed_eager,
+            inference_compiler=_boxed_eager,
+            partition_fn=functools.partial(self.partition, joint_partitioner=joint_partitioner),
+            decompositions=decompositions,
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+    def analysis_compiler(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Trace and partition as the backend would, then run the graphs eagerly (for meta tensors).
+
+        With ``inner="inductor"`` the joint graph gets Inductor's decompositions and the min-cut
+        partition, so the analysis sees the graphs Inductor would be handed.
+        """
+        if self.options.inner == "eager":
+            return self._compile_eager(gm, example_inputs)
+        from torch._inductor.decomposition import select_decomp_table
+
+        return self._compile_eager(
+            gm, example_inputs, joint_partitioner="mincut", decompositions=select_decomp_table()
+        )
+
+    def step_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
+        """One analysis over every training graph compiled so far, as one step runs them."""
+        pairs = [r.pair for r in self.records]
+        analysis = analyze_pairs(pairs, device=self.options.device, param_bytes=param_bytes)
+        if len(pairs) > 1:
+            analysis.notes.append(
+                f"the step was split into {len(pairs)} graphs (graph breaks); outputs passed between "
+                "graphs are counted as live until the end of the step"
+            )
+        return analysis
+
+    def _compile_inductor(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(
+            gm,
+            example_inputs,
+            config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
+        )
+
+    # -- partition: where the plan is carried out ---------------------------------------------
+    def partition(
+        self,
+        joint: torch.fx.GraphModule,
+        joint_inputs: Sequence[Any],
+        *,
+        num_fwd_outputs: int,
+        joint_partitioner: str = "default",
+        **kwargs: Any,
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        name = f"g{next(_graph_ids)}"
+        compiler = kwargs.pop("compiler", "inductor")
+        if joint_partitioner == "mincut":
+            fw, bw = min_cut_rematerialization_partition(
+                joint, joint_inputs, compiler=compiler, num_fwd_outputs=num_fwd_outputs, **kwargs
+            )
+        else:
+            fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        pair = GraphPair(fw, bw, num_fwd_outputs, name)
+        analysis = analyze_pairs([pair], device=self.options.device)
+        record = GraphRecord(name, pair, analysis, partition=joint_partitioner)
+        self._check_budget(record)
+        self.records.append(record)
+        self._write_report()
+        return fw, bw
+
+    def _check_budget(self, record: GraphRecord) -> None:
+        budget = self.options.budget
+        peak = record.analysis.memory.peak_bytes
+        if budget is not None and peak > budget:
+            msg = (
+                f"memfit: graph {record.name} has a predicted step peak of {format_bytes(peak)}, over the "
+                f"budget of {format_bytes(budget)}, and no memory pass in this version can reduce it; "
+                "the graph is compiled unchanged"
+            )
+            record.notes.append(msg)
+            warnings.warn(msg, stacklevel=2)
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> dict:
+        return {
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.__dict__.items()},
+            "inference_graphs": self.inference_graphs,
+            "graphs": [r.to_json() for r in self.records],
+        }
+
+    def _write_report(self) -> None:
+        if self.options.report:
+            with open(self.options.report, "w") as f:
+                json.dump(self.report(), f, indent=1)
+
+
+def _boxed_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """Run the graph op by op; the boxed call clears its argument list so inputs die at last use."""
+    from torch.fx.graph import _BoxedCodeGen
+
+    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.recompile()
+
+    def run(args: list) -> Any:
+        return gm(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn as _PartitionerBase
+except ImportError:  # pragma: no cover - torch is pinned to 2.13, which has it
+    _PartitionerBase = object  # type: ignore[misc,assignment]
+
+
+class _InductorPartitioner(_PartitionerBase):  # type: ignore[misc]
+    def __init__(self, backend: MemfitBackend):
+        self.backend = backend
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        return self.backend.partition(gm, joint_inputs, joint_partitioner="mincut", **kwargs)
+
+    def uuid(self) -> Any:
+        # None disables Inductor's and AOTAutograd's caches for graphs memfit partitions: a cache hit
+        # would skip the partition and with it the plan and the record of what was done.
+        return None
+
+
+def backend(options: dict[str, Any] | None = None, **kwargs: Any) -> MemfitBackend:
+    """A memfit backend for ``torch.compile(model, backend=memfit.backend(budget="6GiB"))``.
+
+    Options (also accepted as ``options={...}``): ``budget`` (bytes or "6GiB"; None: no limit),
+    ``passes`` ("auto" or pass names), ``device`` ("h100", "a100", "cpu"), ``inner`` ("inductor" or
+    "eager"), ``report`` (a path for the JSON report).
+    """
+    return MemfitBackend(make_options(options, **kwargs))
+
+
+_shared: dict[Options, MemfitBackend] = {}
+
+
+def registered_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """Entry point behind ``torch.compile(model, backend="memfit", options={...})``.
+
+    Dynamo calls it once per graph; graphs compiled with equal options share one backend so that
+    its records (and the ``report=`` file) cover all of them.
+    """
+    opts = make_options(kwargs.pop("options", None), **kwargs)
+    be = _shared.setdefault(opts, MemfitBackend(opts))
+    return be(gm, example_inputs)

@@ -1,0 +1,20 @@
+"""Graph passes. Each carries out its part of a :class:`~memfit.planner.Plan`; none decides anything.
+
+``PASSES`` maps a pass name (as users write it in ``passes=[...]``) to its implementation. A pass
+is registered here when it lands; naming one that is not here is an error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+
+class CantApply(Exception):
+    """Raised by a pass that cannot handle a graph; the graph is left unchanged and the reason reported."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+PASSES: dict[str, object] = {}
+
+__all__ = ["PASSES", "CantApply"]

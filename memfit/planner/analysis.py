@@ -1,0 +1,130 @@
+"""Step analysis: the memory model plus FLOPs and roofline time per node, in one object.
+
+This is what the planner reads and what ``memfit analyze`` prints. It is computed from the
+partitioned forward and backward graphs only (FakeTensor metadata), so it costs no device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memfit.config import format_bytes
+from memfit.planner.cost import DeviceProfile, get_profile, node_flops, node_time, node_vals
+from memfit.planner.memory import GraphPair, MemoryModel, simulate
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    graph: str
+    node: str
+    target: str
+    flops: int
+    time_s: float
+
+
+@dataclass
+class StepAnalysis:
+    memory: MemoryModel
+    costs: list[NodeCost]
+    profile: DeviceProfile
+    param_bytes: int | None = None
+    """Bytes of the model's parameters, where the caller knows which inputs are parameters."""
+    num_graphs: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return sum(c.flops for c in self.costs)
+
+    @property
+    def forward_flops(self) -> int:
+        return sum(c.flops for c in self.costs if c.graph.endswith(".fw"))
+
+    @property
+    def time_s(self) -> float:
+        return sum(c.time_s for c in self.costs)
+
+    def to_json(self, top: int = 10) -> dict:
+        m = self.memory
+        peak = m.peak_point
+        return {
+            "device_profile": self.profile.name,
+            "num_graphs": self.num_graphs,
+            "param_bytes": self.param_bytes,
+            "saved_activation_bytes": m.saved_bytes,
+            "predicted_peak_bytes": m.peak_bytes,
+            "peak_at": {"graph": peak.graph, "node": peak.node} if peak else None,
+            "flops": self.flops,
+            "forward_flops": self.forward_flops,
+            "estimated_time_s": self.time_s,
+            "largest_saved": [
+                {
+                    "name": b.producer,
+                    "graph": b.graph,
+                    "bytes": b.nbytes,
+                    "saved_as": b.saved_as,
+                    "module": b.module,
+                    "source": b.source,
+                    "live_at_peak": b.alloc_step <= m.peak_step <= b.free_step,
+                }
+                for b in m.saved[:top]
+            ],
+            "timeline": [[p.graph, p.node, p.live_bytes, p.after_free] for p in m.timeline],
+            "notes": list(self.notes),
+        }
+
+    def format(self, top: int = 10, title: str | None = None) -> str:
+        m = self.memory
+        peak = m.peak_point
+        lines = []
+        if title:
+            lines.append(title)
+        if self.param_bytes is not None:
+            lines.append(f"parameters          {format_bytes(self.param_bytes):>12}")
+        lines.append(f"saved activations   {format_bytes(m.saved_bytes):>12}")
+        where = f"  (at {peak.graph} {peak.node})" if peak else ""
+        lines.append(f"predicted peak      {format_bytes(m.peak_bytes):>12}{where}  above resident memory")
+        lines.append(
+            f"FLOPs               {self.flops / 1e9:>12.3f} GFLOP  (forward {self.forward_flops / 1e9:.3f})"
+        )
+        lines.append(f"estimated time      {self.time_s * 1e3:>12.3f} ms  on the {self.profile.name} profile")
+        if self.num_graphs != 1:
+            lines.append(f"graphs              {self.num_graphs:>12}")
+        saved = m.saved[:top]
+        if saved:
+            lines.append("")
+            lines.append(f"{len(saved)} largest saved activations (* = live at the peak):")
+            w = max(len(b.producer) for b in saved)
+            for b in saved:
+                star = "*" if b.alloc_step <= m.peak_step <= b.free_step else " "
+                where = " ".join(x for x in (b.module, b.source) if x) or "(no source recorded)"
+                lines.append(f" {star} {format_bytes(b.nbytes):>12}  {b.producer:<{w}}  {where}")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+def analyze_pairs(
+    pairs: list[GraphPair],
+    *,
+    device: str | None = None,
+    param_bytes: int | None = None,
+) -> StepAnalysis:
+    """Memory model, FLOPs and roofline times of one step made of ``pairs`` (forward order)."""
+    example_device = None
+    for n in pairs[0].forward.graph.nodes:
+        vals = node_vals(n)
+        if vals and vals[0].device.type != "meta":
+            example_device = vals[0].device
+            break
+    profile = get_profile(device, example_device)
+    memory = simulate(pairs, granularity=profile.alloc_granularity)
+    costs = []
+    for p in pairs:
+        for tag, gm in ((f"{p.name}.fw", p.forward), (f"{p.name}.bw", p.backward)):
+            if gm is None:
+                continue
+            for n in gm.graph.nodes:
+                if n.op == "call_function":
+                    costs.append(NodeCost(tag, n.name, str(n.target), node_flops(n), node_time(n, profile)))
+    return StepAnalysis(memory, costs, profile, param_bytes=param_bytes, num_graphs=len(pairs))

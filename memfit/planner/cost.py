@@ -1,0 +1,216 @@
+"""Cost model: FLOPs and bytes per FX node, and a roofline time estimate per device profile.
+
+Why a roofline and not FLOPs alone: PyTorch's ``activation_memory_budget`` costs every pointwise op
+as 1 FLOP, so recomputing a GELU over a [8, 1024, 16384] tensor (512 MiB moved in fp32) looks free.
+On an H100 that is ~0.3 ms of HBM traffic, comparable to a 4k x 4k x 4k fp32 matmul (~2 ms at
+67 TFLOP/s). Here a node costs ``max(flops / peak_flops, bytes / bandwidth) + launch`` where bytes are
+what the node reads and writes (views move nothing).
+
+FLOPs come from ``torch.utils.flop_counter``'s registry (matmuls, convolutions, attention); every
+other op counts one FLOP per output element, which only matters for the compute side of the max.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Peak rates of one device. Figures are vendor datasheet numbers (dense, no sparsity)."""
+
+    name: str
+    flops: dict = field(hash=False)
+    """Peak FLOP/s per dtype (``torch.float32`` etc.); the matmul units' rate where they apply."""
+    bandwidth: float
+    """Memory bandwidth in bytes/s."""
+    launch_s: float = 0.0
+    """Fixed cost per node (kernel launch or Python dispatch)."""
+    alloc_granularity: int = 1
+    """The allocator rounds every block up to this (CUDA caching allocator: 512 bytes)."""
+    memory: int | None = None
+    """Device memory in bytes, where known."""
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        return self.flops.get(dtype, self.flops[torch.float32])
+
+
+_GiB = 2**30
+
+# H100 SXM5 80GB: 989 TFLOP/s bf16/fp16 dense, 495 TF32 (what fp32 matmuls use with
+# allow_tf32; we take the plain-fp32 67 TFLOP/s since PyTorch's default is highest precision),
+# 3.35 TB/s HBM3.
+H100 = DeviceProfile(
+    name="h100",
+    flops={torch.float32: 67e12, torch.bfloat16: 989e12, torch.float16: 989e12, torch.float64: 34e12},
+    bandwidth=3.35e12,
+    launch_s=4e-6,
+    alloc_granularity=512,
+    memory=80 * _GiB,
+)
+# A100 SXM4 80GB: 312 TFLOP/s bf16/fp16 dense, 19.5 TFLOP/s fp32, 2.04 TB/s HBM2e.
+A100 = DeviceProfile(
+    name="a100",
+    flops={torch.float32: 19.5e12, torch.bfloat16: 312e12, torch.float16: 312e12, torch.float64: 9.7e12},
+    bandwidth=2.04e12,
+    launch_s=4e-6,
+    alloc_granularity=512,
+    memory=80 * _GiB,
+)
+
+
+def _time_it(fn, repeat: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def calibrate_cpu() -> DeviceProfile:
+    """Measure this CPU's matmul rate and copy bandwidth (about 0.2 s, once per process).
+
+    A 512x512x512 fp32 matmul and a 32 MiB copy are big enough to leave the caches' best case and
+    small enough to finish quickly on a 2-core machine. Best of 5 runs, so a noisy neighbour slows
+    the estimate only if it is busy throughout.
+    """
+    n = 512
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    t_mm = _time_it(lambda: torch.mm(a, b))
+    fp32 = 2 * n**3 / t_mm
+    src = torch.empty(8 * 2**20)  # 32 MiB
+    dst = torch.empty_like(src)
+    t_copy = _time_it(lambda: dst.copy_(src))
+    bandwidth = 2 * src.numel() * src.element_size() / t_copy
+    small = torch.empty(16)
+    launch = _time_it(lambda: torch.add(small, small), repeat=20)
+    return DeviceProfile(
+        name="cpu",
+        flops={torch.float32: fp32, torch.bfloat16: fp32 / 2, torch.float16: fp32 / 4, torch.float64: fp32 / 2},
+        bandwidth=bandwidth,
+        launch_s=launch,
+        alloc_granularity=1,
+    )
+
+
+DEVICE_PROFILES = ("h100", "a100", "cpu")
+
+
+def get_profile(name: str | None, example: torch.device | None = None) -> DeviceProfile:
+    """Profile by name; ``None`` picks from the device of the graph (CPU → calibrated, CUDA → h100)."""
+    if name is None:
+        if example is not None and example.type == "cuda" and torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability(example)
+            name = "a100" if cap[0] == 8 else "h100"
+        else:
+            name = "cpu"
+    if name == "h100":
+        return H100
+    if name == "a100":
+        return A100
+    if name == "cpu":
+        return calibrate_cpu()
+    raise ValueError(f"unknown device profile {name!r}; accepted: {', '.join(DEVICE_PROFILES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-node FLOPs and bytes
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of storage a tensor value needs (strides honoured, symbolic sizes hinted)."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    numel = _hint(t.numel())
+    if numel == 0:
+        return 0
+    try:
+        span = 1 + sum((_hint(s) - 1) * abs(_hint(st)) for s, st in zip(t.shape, t.stride()))
+    except Exception:  # sparse or otherwise strideless
+        span = numel
+    return max(span, numel) * t.element_size()
+
+
+def _hint(x) -> int:
+    if isinstance(x, torch.SymInt):
+        return x.node.hint if x.node.has_hint() else 4096
+    return int(x)
+
+
+def node_vals(node: torch.fx.Node) -> list:
+    val = node.meta.get("val")
+    flat, _ = tree_flatten(val)
+    return [v for v in flat if isinstance(v, torch.Tensor)]
+
+
+def _arg_val(a):
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """FLOPs of one aten node from ``torch.utils.flop_counter``'s formulas; 1 per output element else."""
+    if node.op != "call_function":
+        return 0
+    packet = getattr(node.target, "overloadpacket", None)
+    fn = flop_registry.get(packet)
+    if fn is not None:
+        try:
+            args = tree_map(_arg_val, node.args)
+            kwargs = tree_map(_arg_val, node.kwargs)
+            return int(fn(*args, **kwargs, out_val=node.meta.get("val")))
+        except Exception:
+            pass
+    if is_view(node):
+        return 0
+    return sum(_hint(v.numel()) for v in node_vals(node))
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """True when the node's outputs alias an input (views, ``copy_`` into an input, getitem)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    return any(r.alias_info is not None for r in schema.returns)
+
+
+def node_bytes(node: torch.fx.Node) -> int:
+    """Bytes a node moves: its tensor inputs read plus its outputs written (views move nothing)."""
+    if node.op != "call_function" or is_view(node):
+        return 0
+    read = sum(tensor_bytes(a.meta.get("val")) for a in node.all_input_nodes)
+    written = sum(tensor_bytes(v) for v in node_vals(node))
+    return read + written
+
+
+def _node_dtype(node: torch.fx.Node) -> torch.dtype:
+    for a in node.all_input_nodes:
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+    return torch.float32
+
+
+def node_time(node: torch.fx.Node, profile: DeviceProfile) -> float:
+    """Roofline estimate in seconds: max(compute, memory) plus a launch cost for real kernels."""
+    if node.op != "call_function" or is_view(node):
+        return 0.0
+    flops = node_flops(node)
+    compute = flops / profile.peak_flops(_node_dtype(node))
+    memory = node_bytes(node) / profile.bandwidth
+    return max(compute, memory) + profile.launch_s

@@ -1,0 +1,291 @@
+"""The graph memory model: sizes, lifetimes and the peak of one training step.
+
+A step is the forward graphs in order, then their backward graphs in reverse order (the order
+autograd runs them). Memory is modelled per *buffer* (a storage), not per FX value: a view, a
+``getitem`` of a multi-output op, or an in-place ``copy_`` into an input adds no bytes and keeps its
+base alive. That matters: AOTAutograd often saves a ``view`` or ``t`` of an intermediate, and the
+whole base stays allocated until the view's last use in the backward.
+
+What is counted, above what was resident before the step (parameters, inputs, buffers):
+
+* forward intermediates, from the node that makes them to their last use in the forward;
+* saved activations (forward outputs the backward reads), until their last use in the backward —
+  the backward is called with a boxed argument list that it clears, so a saved tensor is freed
+  as soon as the backward no longer needs it (Inductor does the same);
+* the forward's user outputs (the loss the caller holds), until the end of the step;
+* tangents (the incoming gradients) from the start of the backward;
+* gradients (the backward's outputs), from the node that makes them to the end of the step
+  (they become ``.grad``).
+
+The timeline holds, for every node, the bytes live once its outputs are allocated (the peak can
+only be reached there) and once the buffers it was the last user of are freed. On CPU the
+allocator is ``malloc`` (no rounding); on CUDA the caching allocator rounds blocks up to 512 bytes,
+which ``granularity`` models.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from memfit.planner.cost import is_view, node_vals, tensor_bytes
+
+RESIDENT = "resident"  # kinds of buffers
+ACTIVATION = "activation"
+SAVED = "saved"
+OUTPUT = "output"
+TANGENT = "tangent"
+GRAD = "grad"
+TEMP = "temp"
+
+
+@dataclass(frozen=True)
+class GraphPair:
+    """One compiled training graph: its forward and backward halves after partitioning."""
+
+    forward: torch.fx.GraphModule
+    backward: torch.fx.GraphModule | None
+    num_user_outputs: int
+    """How many of the forward's outputs go to the user; the rest are saved for the backward."""
+    name: str = "g0"
+
+
+@dataclass
+class Buffer:
+    """One allocation: made by ``producer`` in ``graph``; freed after step ``free_step``."""
+
+    id: int
+    graph: str
+    producer: str
+    nbytes: int
+    kind: str
+    alloc_step: int
+    free_step: int = -1
+    saved_as: list = field(default_factory=list)
+    module: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    step: int
+    graph: str
+    node: str
+    live_bytes: int
+    """Bytes live once this node's outputs exist (before anything is freed)."""
+    after_free: int
+    """Bytes live after the buffers whose last use was this node are freed."""
+
+
+@dataclass
+class MemoryModel:
+    buffers: list[Buffer]
+    timeline: list[TimelinePoint]
+    peak_bytes: int
+    peak_step: int
+
+    @property
+    def peak_point(self) -> TimelinePoint | None:
+        return self.timeline[self.peak_step] if self.timeline else None
+
+    @property
+    def saved(self) -> list[Buffer]:
+        """Saved-activation buffers (resident ones, e.g. a saved weight, are not counted), largest first."""
+        return sorted((b for b in self.buffers if b.kind == SAVED), key=lambda b: -b.nbytes)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers if b.kind == SAVED)
+
+    def live_at(self, step: int) -> list[Buffer]:
+        return [b for b in self.buffers if b.nbytes and b.alloc_step <= step <= b.free_step]
+
+    def dominant_saved(self, k: int = 10) -> list[Buffer]:
+        """The saved activations live at the peak, largest first: what a plan has to attack."""
+        live = self.live_at(self.peak_step)
+        return sorted((b for b in live if b.kind == SAVED), key=lambda b: -b.nbytes)[:k]
+
+
+def source_of(node: torch.fx.Node) -> tuple[str, str]:
+    """(module path, ``file:line code``) from the node's metadata, as far as it carries them."""
+    module = ""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        module = _clean_module_path(path)
+    source = ""
+    trace = node.meta.get("stack_trace")
+    if trace:
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+        if frames:
+            f, line, _fn, code = frames[-1]
+            source = f"{f}:{line} {code.strip()}"
+    return module, source
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo names modules like "L['self'].layers[0].mlp" or "L__self___layers_0_mlp".
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"^L\['(\w+)'\]", r"\1", path)
+    path = re.sub(r"\._modules\['(\w+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")
+
+
+class _Sim:
+    def __init__(self, granularity: int):
+        self.g = max(1, granularity)
+        self.buffers: list[Buffer] = []
+        self.step = -1
+
+    def size(self, t) -> int:
+        n = tensor_bytes(t)
+        return -(-n // self.g) * self.g if n else 0
+
+    def new(self, graph: str, node: torch.fx.Node, nbytes: int, kind: str) -> Buffer:
+        module, source = source_of(node)
+        b = Buffer(len(self.buffers), graph, node.name, nbytes, kind, self.step, module=module, source=source)
+        self.buffers.append(b)
+        return b
+
+
+def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    for a in node.args:
+        if isinstance(a, torch.fx.Node):
+            return a
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, torch.fx.Node):
+                    return x
+    return None
+
+
+def simulate(pairs: list[GraphPair], granularity: int = 1) -> MemoryModel:
+    """Simulate the step (forwards in order, then backwards in reverse) and return the model."""
+    sim = _Sim(granularity)
+    # Pass 1: walk the graphs to create buffers and record local last uses.
+    fw_info = []
+    for p in pairs:
+        fw_info.append(_collect(sim, p.forward, f"{p.name}.fw", None, ACTIVATION))
+    bw_info = {}
+    for k in reversed(range(len(pairs))):
+        p = pairs[k]
+        if p.backward is None:
+            continue
+        fw_bufs, fw_out, _ = fw_info[k]
+        # map saved forward outputs to backward placeholders by name
+        saved_map = {}
+        for j, a in enumerate(fw_out):
+            if isinstance(a, torch.fx.Node) and j >= p.num_user_outputs:
+                saved_map[a.name] = fw_bufs.get(a.name, [None])
+        bw_info[k] = _collect(sim, p.backward, f"{p.name}.bw", saved_map, TEMP)
+
+    end = sim.step
+    # Lifetimes: a buffer lives to its last local use, extended for saved values, outputs, grads.
+    for k, p in enumerate(pairs):
+        fw_bufs, fw_out, _ = fw_info[k]
+        for j, a in enumerate(fw_out):
+            if not isinstance(a, torch.fx.Node):
+                continue
+            for b in fw_bufs.get(a.name, []):
+                if b is None or b.kind == RESIDENT:
+                    continue
+                if j < p.num_user_outputs or k not in bw_info:
+                    b.kind = OUTPUT
+                    b._pinned = end
+                else:
+                    if b.kind != OUTPUT:
+                        b.kind = SAVED
+                    b.saved_as.append(a.name)
+                    # without a backward use it still lives until the backward starts
+                    b._pinned = max(getattr(b, "_pinned", -1), bw_info[k][2])
+        if k in bw_info:
+            bw_bufs, bw_out, _ = bw_info[k]
+            for a in bw_out:
+                if isinstance(a, torch.fx.Node):
+                    for b in bw_bufs.get(a.name, []):
+                        if b is not None and b.kind != RESIDENT:
+                            if b.kind in (TEMP, TANGENT):
+                                b.kind = GRAD
+                            b._pinned = end
+    for b in sim.buffers:
+        b.free_step = max(getattr(b, "_last_local", b.alloc_step), getattr(b, "_pinned", -1), b.alloc_step)
+
+    # Pass 2: replay allocations and frees into the timeline.
+    allocs: dict[int, int] = {}
+    frees: dict[int, int] = {}
+    for b in sim.buffers:
+        if b.nbytes:
+            allocs[b.alloc_step] = allocs.get(b.alloc_step, 0) + b.nbytes
+            if b.kind not in (OUTPUT, GRAD):  # those outlive the step
+                frees[b.free_step] = frees.get(b.free_step, 0) + b.nbytes
+    timeline = []
+    live = 0
+    for step, (graph, name) in enumerate(sim.schedule):
+        live += allocs.get(step, 0)
+        before = live
+        live -= frees.get(step, 0)
+        timeline.append(TimelinePoint(step, graph, name, before, live))
+    peak_step = max(range(len(timeline)), key=lambda i: timeline[i].live_bytes) if timeline else 0
+    peak = timeline[peak_step].live_bytes if timeline else 0
+    for b in sim.buffers:
+        b.__dict__.pop("_last_local", None)
+        b.__dict__.pop("_pinned", None)
+    return MemoryModel(sim.buffers, timeline, peak, peak_step)
+
+
+def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
+    """Create the buffers of one graph and record, on each buffer, its last use in this graph."""
+    if not hasattr(sim, "schedule"):
+        sim.schedule = []
+    bufs: dict[str, list] = {}
+    nodes = list(gm.graph.nodes)
+    first_step = sim.step + 1
+    output_args: list = []
+    for n in nodes:
+        sim.step += 1
+        sim.schedule.append((graph, n.name))
+        if n.op == "placeholder":
+            if placeholder_bufs is not None and n.name in placeholder_bufs:
+                bufs[n.name] = placeholder_bufs[n.name]
+            elif placeholder_bufs is not None and n.name.startswith("tangents"):
+                # an incoming gradient, made by autograd just before the backward runs
+                bufs[n.name] = [sim.new(graph, n, sim.size(v), TANGENT) for v in node_vals(n)] or [None]
+            elif placeholder_bufs is not None and node_vals(n):
+                raise ValueError(
+                    f"backward input {n.name!r} of {graph} is neither a tangent nor a value the forward "
+                    "saved; the memory model cannot place it"
+                )
+            else:
+                bufs[n.name] = [sim.new(graph, n, 0, RESIDENT) for _ in node_vals(n)] or [None]
+        elif n.op == "call_function":
+            if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+                src = bufs.get(n.args[0].name, [None])
+                idx = n.args[1]
+                bufs[n.name] = [src[idx] if isinstance(idx, int) and idx < len(src) else None]
+            elif is_view(n):
+                base = _first_tensor_input(n)
+                bufs[n.name] = [bufs[base.name][0] if base is not None and base.name in bufs else None]
+            else:
+                val = n.meta.get("val")
+                vals = list(val) if isinstance(val, (list, tuple)) else [val]
+                bufs[n.name] = [
+                    sim.new(graph, n, sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None for v in vals
+                ]
+        elif n.op == "output":
+            output_args = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
+        else:  # get_attr: a constant, resident
+            bufs[n.name] = [sim.new(graph, n, 0, RESIDENT)]
+        for b in bufs.get(n.name, []):
+            if b is not None:  # used by nobody yet: would die right after it is made
+                b._last_local = max(getattr(b, "_last_local", -1), sim.step)
+        if n.op != "output":
+            for a in n.all_input_nodes:
+                for b in bufs.get(a.name, []):
+                    if b is not None:
+                        b._last_local = max(getattr(b, "_last_local", -1), sim.step)
+    return bufs, output_args, first_step
