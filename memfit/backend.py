@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
+from torch._dynamo.exc import ShortenTraceback
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
 from memfit.config import Options, format_bytes, make_options
@@ -233,6 +234,14 @@ def backend(options: dict[str, Any] | None = None, **kwargs: Any) -> MemfitBacke
     return MemfitBackend(make_options(options, **kwargs))
 
 
+class OptionsError(ShortenTraceback, ValueError):
+    """A bad option given through ``torch.compile(..., options=...)``.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed`` (a RuntimeError), except
+    ``ShortenTraceback``; deriving from it lets the user see a plain ``ValueError`` naming the option.
+    """
+
+
 _shared: dict[Options, MemfitBackend] = {}
 
 
@@ -242,6 +251,9 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     Dynamo calls it once per graph; graphs compiled with equal options share one backend so that
     its records (and the ``report=`` file) cover all of them.
     """
-    opts = make_options(kwargs.pop("options", None), **kwargs)
+    try:
+        opts = make_options(kwargs.pop("options", None), **kwargs)
+    except ValueError as e:
+        raise OptionsError(str(e), first_useful_frame=None) from None
     be = _shared.setdefault(opts, MemfitBackend(opts))
     return be(gm, example_inputs)

@@ -101,18 +101,24 @@ def measure(
     return Measurement(peak, statistics.median(times), tuple(times), str(device))
 
 
-def training_step(model: torch.nn.Module, inputs: tuple, loss_fn: Callable | None = None) -> Callable[[], None]:
+def training_step(
+    model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, loss_fn: Callable | None = None
+) -> Callable[[], None]:
     """A closure for :func:`measure`: zero grads (to None), forward, loss, backward.
 
     Gradients are set to None first so that each step allocates them afresh, as the first step of a
-    training run does; the peak then includes the gradients, as the memory model's does.
+    training run does; the peak then includes the gradients, as the memory model's does. The model's
+    output is held until the backward is done (as in ``out = model(x); out.loss.backward()``): the
+    memory model counts the forward's outputs as live to the end of the step.
     """
+    kwargs = kwargs or {}
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(*inputs)
+        out = model(*args, **kwargs)
         loss = to_loss(out, loss_fn)
         loss.backward()
+        del out
 
     return step
 

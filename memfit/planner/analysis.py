@@ -87,7 +87,8 @@ class StepAnalysis:
         lines.append(
             f"FLOPs               {self.flops / 1e9:>12.3f} GFLOP  (forward {self.forward_flops / 1e9:.3f})"
         )
-        lines.append(f"estimated time      {self.time_s * 1e3:>12.3f} ms  on the {self.profile.name} profile")
+        t = f"{self.time_s:>12.3f} s " if self.time_s >= 1 else f"{self.time_s * 1e3:>12.3f} ms"
+        lines.append(f"estimated time      {t}  on the {self.profile.name} profile (roofline)")
         if self.num_graphs != 1:
             lines.append(f"graphs              {self.num_graphs:>12}")
         saved = m.saved[:top]

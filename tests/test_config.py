@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+import memfit
+from memfit.config import format_bytes, make_options, parse_bytes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("6GiB", 6 * 2**30),
+        ("6 GiB", 6 * 2**30),
+        ("1.5gib", 3 * 2**29),
+        ("512MB", 512 * 10**6),
+        ("100", 100),
+        ("2KiB", 2048),
+        (4096, 4096),
+        (1e9, 10**9),
+        (None, None),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["6 GB of memory", "lots", "6XB", "-1GiB", "0", 0, -5, True, [1], float("nan")])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(ValueError) as e:
+        parse_bytes(bad)
+    assert repr(bad) in str(e.value)
+
+
+def test_format_bytes():
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(None) == "no limit"
+
+
+def test_make_options_defaults_and_values():
+    o = make_options()
+    assert (o.budget, o.passes, o.device, o.inner, o.report) == (None, "auto", None, "inductor", None)
+    o = make_options({"budget": "1GiB", "inner": "eager"}, device="h100", passes=[])
+    assert (o.budget, o.inner, o.device, o.passes) == (2**30, "eager", "h100", ())
+    assert hash(o) == hash(make_options(budget=2**30, inner="eager", device="h100", passes=()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        ({"bugdet": "1GiB"}, ["'bugdet'", "budget", "passes", "device", "inner", "report"]),
+        ({"budget": "1 gigabyte"}, ["'1 gigabyte'", "GiB"]),
+        ({"passes": ["checkpointing"]}, ["'checkpointing'", "accepted pass names"]),
+        ({"passes": "auto,bogus"}, ["'bogus'"]),
+        ({"device": "tpu"}, ["'tpu'", "h100", "a100", "cpu"]),
+        ({"inner": "aot_eager"}, ["'aot_eager'", "inductor", "eager"]),
+        ({"report": 3}, ["report=3"]),
+    ],
+)
+def test_bad_options_name_value_and_accepted(kwargs, names):
+    with pytest.raises(ValueError) as e:
+        memfit.backend(**kwargs)
+    for n in names:
+        assert n in str(e.value)
+    with pytest.raises(ValueError):  # same check through options={...}
+        memfit.backend(options=kwargs)
+
+
+def test_option_given_twice():
+    with pytest.raises(ValueError, match="twice"):
+        memfit.backend({"budget": 1}, budget=2)
+
+
+def test_bad_option_through_registered_name_is_a_value_error():
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="memfit", options={"budget": "six gigs"})
+    with pytest.raises(ValueError, match="six gigs"):
+        compiled(torch.randn(2, 4))

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import memfit
+from memfit.planner.cost import A100, H100, get_profile, node_bytes, node_flops, node_time
+
+
+def _graphs(model, *args):
+    be = memfit.backend(inner="eager")
+    compiled = torch.compile(model, backend=be)
+    compiled(*args).backward()
+    return be.records[0]
+
+
+def test_matmul_flops_exact_and_match_flop_counter():
+    M, K, N = 24, 40, 56
+    model = torch.nn.Linear(K, N, bias=False)
+    x = torch.randn(M, K, requires_grad=True)
+    rec = _graphs(lambda x: model(x).sum(), x)
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    fw = [n for n in rec.pair.forward.graph.nodes if n.target == torch.ops.aten.mm.default]
+    assert [node_flops(n) for n in fw] == [2 * M * K * N]
+    mm_total = sum(c.flops for c in rec.analysis.costs if c.target == "aten.mm.default")
+    assert mm_total == fc.get_total_flops() == 3 * 2 * M * K * N  # forward + dx + dw
+
+
+def test_pointwise_costs_bytes_not_one_flop():
+    x = torch.randn(1024, 1024, requires_grad=True)
+    rec = _graphs(lambda x: torch.nn.functional.gelu(x).sum(), x)
+    (gelu,) = [n for n in rec.pair.forward.graph.nodes if n.target == torch.ops.aten.gelu.default]
+    assert node_bytes(gelu) == 2 * 1024 * 1024 * 4  # reads x, writes the result
+    # on an H100 a 4 MiB-in, 4 MiB-out GELU is memory bound: bytes / bandwidth (+ launch)
+    assert node_time(gelu, H100) == pytest.approx(8 * 2**20 / H100.bandwidth + H100.launch_s)
+    views = [n for n in rec.pair.backward.graph.nodes if n.target == torch.ops.aten.expand.default]
+    assert views and all(node_time(n, H100) == 0 for n in views)
+
+
+def test_matmul_is_compute_bound_on_gpu_profiles():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    n = 4096
+    with FakeTensorMode() as mode:
+        a, b = torch.empty(n, n), torch.empty(n, n)
+        gm = make_fx(torch.mm)(a, b)
+    (mm,) = [x for x in gm.graph.nodes if x.op == "call_function"]
+    assert node_flops(mm) == 2 * n**3
+    for prof in (H100, A100):
+        assert node_time(mm, prof) == pytest.approx(2 * n**3 / prof.peak_flops(torch.float32) + prof.launch_s)
+    del mode
+
+
+def test_profiles():
+    assert get_profile("h100") is H100 and get_profile("a100") is A100
+    cpu = get_profile("cpu")
+    assert cpu.name == "cpu" and cpu.peak_flops(torch.float32) > 1e8 and cpu.bandwidth > 1e8
+    assert get_profile(None).name == "cpu"
+    assert H100.peak_flops(torch.bfloat16) > A100.peak_flops(torch.bfloat16)
+    with pytest.raises(ValueError, match="tpu"):
+        get_profile("tpu")
