@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -122,7 +123,9 @@ class MemfitBackend:
     def step_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
         """One analysis over every training graph compiled so far, as one step runs them."""
         pairs = [r.pair for r in self.records]
-        analysis = analyze_pairs(pairs, device=self.options.device, param_bytes=param_bytes)
+        analysis = analyze_pairs(
+            pairs, device=self.options.device, param_bytes=param_bytes, fused=self.options.inner == "inductor"
+        )
         if len(pairs) > 1:
             analysis.notes.append(
                 f"the step was split into {len(pairs)} graphs (graph breaks); outputs passed between "
@@ -133,11 +136,16 @@ class MemfitBackend:
     def _compile_inductor(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(
-            gm,
-            example_inputs,
-            config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
-        )
+        # AOTAutogradCache keys on the partitioner's uuid() but treats None like "no custom
+        # partitioner": a graph plain torch.compile cached earlier would be served without memfit's
+        # partition (seen here: a benchmark compiling the same model both ways lost every record).
+        # So the cache is off for memfit's graphs, and the uuid is unique anyway.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(
+                gm,
+                example_inputs,
+                config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
+            )
 
     # -- partition: where the plan is carried out ---------------------------------------------
     def partition(
@@ -158,7 +166,7 @@ class MemfitBackend:
         else:
             fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         pair = GraphPair(fw, bw, num_fwd_outputs, name)
-        analysis = analyze_pairs([pair], device=self.options.device)
+        analysis = analyze_pairs([pair], device=self.options.device, fused=self.options.inner == "inductor")
         record = GraphRecord(name, pair, analysis, partition=joint_partitioner)
         self._check_budget(record)
         self.records.append(record)
@@ -214,14 +222,16 @@ except ImportError:  # pragma: no cover - torch is pinned to 2.13, which has it
 class _InductorPartitioner(_PartitionerBase):  # type: ignore[misc]
     def __init__(self, backend: MemfitBackend):
         self.backend = backend
+        self._uuid = f"memfit-partitioner-{uuid.uuid4()}"
 
     def __call__(self, gm, joint_inputs, **kwargs):
         return self.backend.partition(gm, joint_inputs, joint_partitioner="mincut", **kwargs)
 
     def uuid(self) -> Any:
-        # None disables Inductor's and AOTAutograd's caches for graphs memfit partitions: a cache hit
-        # would skip the partition and with it the plan and the record of what was done.
-        return None
+        # Never equal to another compile's: a cache hit would skip the partition, and with it the
+        # plan and the record of what was done (the FX graph cache still applies to the partitioned
+        # forward and backward, which is safe: it keys on those graphs themselves).
+        return self._uuid
 
 
 def backend(options: dict[str, Any] | None = None, **kwargs: Any) -> MemfitBackend:

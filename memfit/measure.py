@@ -3,9 +3,16 @@
 * CUDA: the caching allocator's statistics (``reset_peak_memory_stats``, then
   ``max_memory_allocated() - memory_allocated()`` taken before the step).
 * CPU: the allocator's own events. With ``profile_memory=True`` the profiler records every
-  allocation and free (``[memory]`` events with a signed byte count); the running sum of those,
-  in time order, is the bytes allocated since the step began, and its maximum is the peak. This
-  sees every allocation — kernel workspaces included — not just the tensors the model names.
+  allocation and free (address and signed byte count); the running sum of those, in time order,
+  is the bytes allocated since the step began, and its maximum is the peak. This sees every
+  allocation — kernel workspaces included — not just the tensors the model names. Frees of blocks
+  allocated before the step are left out: the profiler remembers addresses across sessions, and
+  a block freed now whose address it saw allocated in an earlier session would otherwise subtract
+  a stale size (we saw the measured peak drift down 13% over three measurements without this).
+
+A step's ``before`` attribute, if it has one, runs before the baseline is taken, outside the
+measured window: :func:`training_step` uses it to set gradients to None, so the step allocates
+them afresh (as the memory model assumes) and freeing the old ones does not lower the peak.
 
 Peak and time come from separate runs: the profiler slows a step, so times are taken with it off
 (median of ``repeat`` runs after ``warmup`` runs, which also absorb compilation).
@@ -45,18 +52,27 @@ def peak_bytes_cpu(step: Callable[[], object]) -> int:
     """Peak of the CPU allocator's running total while ``step()`` runs, from the profiler's events."""
     from torch.profiler import ProfilerActivity, profile
 
+    from torch._C._profiler import _EventType
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size))
+    events.sort(key=lambda t: t[0])
+    mine: dict[int, int] = {}  # address -> size, for blocks allocated inside the window
     live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
+    for _, ptr, size in events:
+        if size > 0:
+            mine[ptr] = size
+            live += size
+            peak = max(peak, live)
+        elif ptr in mine:
+            live -= mine.pop(ptr)
     return peak
 
 
@@ -78,14 +94,17 @@ def measure(
 ) -> Measurement:
     """Measure one training step: ``step()`` runs forward and backward (and whatever else it does).
 
-    The step should leave nothing behind that the next one frees (e.g. call
-    ``model.zero_grad(set_to_none=True)`` first), or the frees make the steps differ.
+    If ``step`` has a ``before`` attribute (see :func:`training_step`), it runs before every step,
+    outside the measured window and the timing.
     """
     device = torch.device(device)
     if warmup < 0 or repeat < 1:
         raise ValueError(f"warmup={warmup} must be >= 0 and repeat={repeat} >= 1")
+    before = getattr(step, "before", None) or (lambda: None)
     for _ in range(warmup):
+        before()
         step()
+    before()
     _sync(device)
     if device.type == "cuda":
         peak = peak_bytes_cuda(step, device)
@@ -93,6 +112,7 @@ def measure(
         peak = peak_bytes_cpu(step)
     times = []
     for _ in range(repeat):
+        before()
         _sync(device)
         t0 = time.perf_counter()
         step()
@@ -104,22 +124,25 @@ def measure(
 def training_step(
     model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, loss_fn: Callable | None = None
 ) -> Callable[[], None]:
-    """A closure for :func:`measure`: zero grads (to None), forward, loss, backward.
+    """A closure for :func:`measure`: forward, loss, backward; its ``before`` sets grads to None.
 
-    Gradients are set to None first so that each step allocates them afresh, as the first step of a
-    training run does; the peak then includes the gradients, as the memory model's does. The model's
+    Gradients are set to None before each step so that it allocates them afresh, as the first step
+    of a training run does; the peak then includes the gradients, as the memory model's does. The model's
     output is held until the backward is done (as in ``out = model(x); out.loss.backward()``): the
     memory model counts the forward's outputs as live to the end of the step.
     """
     kwargs = kwargs or {}
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
         out = model(*args, **kwargs)
         loss = to_loss(out, loss_fn)
         loss.backward()
         del out
 
+    def before() -> None:
+        model.zero_grad(set_to_none=True)
+
+    step.before = before  # type: ignore[attr-defined]
     return step
 
 

@@ -78,3 +78,13 @@ def test_entry_point_works_without_importing_memfit():
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
+
+
+def test_plain_inductor_cache_does_not_bypass_memfit():
+    """A graph that plain torch.compile compiled (and cached) first still goes through memfit."""
+    model, args, _ = build("mlp")
+    torch.compile(model)(*args).backward()
+    torch._dynamo.reset()
+    be = memfit.backend()
+    torch.compile(model, backend=be)(*args).backward()
+    assert len(be.records) == 1 and be.records[0].partition == "mincut"

@@ -107,16 +107,19 @@ def _reference_model(name):
     return model, (), inputs
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
 @pytest.mark.parametrize("name", ["mlp", "gpt", "llama"])
-def test_predicted_peak_within_10_percent_of_measured(name):
+def test_predicted_peak_within_10_percent_of_measured(name, inner):
+    """Eager inner: every graph value is an allocation, so the model is exact (ratio 1.000 here).
+    Inductor: the model drops values fused into a consumer's kernel (0.95-1.00 here)."""
     model, args, kwargs = _reference_model(name)
-    be = memfit.backend(inner="eager")
+    be = memfit.backend(inner=inner)
     compiled = torch.compile(model, backend=be)
     meas = measure(training_step(compiled, args, kwargs), repeat=1)
     predicted = be.step_analysis().memory.peak_bytes
     assert len(be.records) == 1
     ratio = meas.peak_bytes / predicted
-    print(f"{name}: predicted {predicted} measured {meas.peak_bytes} ratio {ratio:.3f}")
+    print(f"{name}/{inner}: predicted {predicted} measured {meas.peak_bytes} ratio {ratio:.3f}")
     assert 0.9 <= ratio <= 1.1, f"{name}: measured {meas.peak_bytes} vs predicted {predicted} ({ratio:.3f})"
 
 

@@ -110,8 +110,12 @@ def analyze_pairs(
     *,
     device: str | None = None,
     param_bytes: int | None = None,
+    fused: bool = False,
 ) -> StepAnalysis:
-    """Memory model, FLOPs and roofline times of one step made of ``pairs`` (forward order)."""
+    """Memory model, FLOPs and roofline times of one step made of ``pairs`` (forward order).
+
+    ``fused``: the graphs run under a fusing compiler (Inductor), see ``memory.fused_away``.
+    """
     example_device = None
     for n in pairs[0].forward.graph.nodes:
         vals = node_vals(n)
@@ -119,7 +123,7 @@ def analyze_pairs(
             example_device = vals[0].device
             break
     profile = get_profile(device, example_device)
-    memory = simulate(pairs, granularity=profile.alloc_granularity)
+    memory = simulate(pairs, granularity=profile.alloc_granularity, fused=fused)
     costs = []
     for p in pairs:
         for tag, gm in ((f"{p.name}.fw", p.forward), (f"{p.name}.bw", p.backward)):

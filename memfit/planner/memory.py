@@ -164,9 +164,17 @@ def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def simulate(pairs: list[GraphPair], granularity: int = 1) -> MemoryModel:
-    """Simulate the step (forwards in order, then backwards in reverse) and return the model."""
+def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) -> MemoryModel:
+    """Simulate the step (forwards in order, then backwards in reverse) and return the model.
+
+    ``fused=True`` models a fusing compiler (Inductor): values that :func:`fused_away` says live only
+    inside a fused kernel take no memory.
+    """
     sim = _Sim(granularity)
+    sim.fused = set()
+    if fused:
+        for p in pairs:
+            sim.fused |= fused_away(p.forward) | (fused_away(p.backward) if p.backward is not None else set())
     # Pass 1: walk the graphs to create buffers and record local last uses.
     fw_info = []
     for p in pairs:
@@ -273,8 +281,10 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
             else:
                 val = n.meta.get("val")
                 vals = list(val) if isinstance(val, (list, tuple)) else [val]
+                fused = n in sim.fused
                 bufs[n.name] = [
-                    sim.new(graph, n, sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None for v in vals
+                    sim.new(graph, n, 0 if fused else sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None
+                    for v in vals
                 ]
         elif n.op == "output":
             output_args = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
@@ -289,3 +299,57 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
                     if b is not None:
                         b._last_local = max(getattr(b, "_last_local", -1), sim.step)
     return bufs, output_args, first_step
+
+
+_CONSTRUCTORS = {"full", "zeros", "ones", "scalar_tensor", "arange", "iota", "empty", "full_like", "zeros_like", "ones_like"}
+# Inductor lowers these to indirect loads inside a pointwise kernel, so they fuse both ways.
+_INDEXING = {"gather", "index", "embedding"}
+
+
+def _is_pointwise(n: torch.fx.Node) -> bool:
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise in t.tags:
+        return True
+    return t.overloadpacket.__name__ in _CONSTRUCTORS or t.overloadpacket.__name__ in _INDEXING
+
+
+def _is_reduction(n: torch.fx.Node) -> bool:
+    t = n.target
+    return isinstance(t, torch._ops.OpOverload) and t.overloadpacket.__name__ in {
+        "sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "prod", "argmax", "argmin", "any", "all",
+    }
+
+
+def fused_away(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose values a fusing compiler never writes to memory (an approximation of Inductor).
+
+    A pointwise op (or a constructor such as ``full``) whose every consumer, seen through views, is
+    a pointwise op or a reduction gets fused into that consumer's kernel. Anything a graph returns,
+    anything an extern kernel (matmul, attention, convolution, scatter, ...) reads, and every other
+    op's output is written out. Inductor may still materialise a fused value it reads many times;
+    the model errs on the side of fewer bytes there and is checked against measurement.
+    """
+    outputs = set()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            outputs = {a for a in n.all_input_nodes}
+    away: set[torch.fx.Node] = set()
+
+    def consumers(n: torch.fx.Node):
+        for u in n.users:
+            if u.op == "call_function" and is_view(u) and u.target is not operator.getitem:
+                if u in outputs:
+                    yield None
+                yield from consumers(u)
+            else:
+                yield u
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n in outputs or is_view(n) or not _is_pointwise(n):
+            continue
+        users = list(consumers(n))
+        if users and all(u is not None and u.op == "call_function" and (_is_pointwise(u) or _is_reduction(u)) for u in users):
+            away.add(n)
+    return away

@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import EXAMPLES, ROOT
+from memfit.cli import main
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_analyze_gpt_example_subprocess(tmp_path):
+    out = tmp_path / "a.json"
+    r = run_cli("analyze", "examples/gpt.py:small", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for field in ("parameters", "saved activations", "predicted peak", "FLOPs", "largest saved activations"):
+        assert field in r.stdout
+    assert "h.0.mlp" in r.stdout and "gpt.py:" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["predicted_peak_bytes"] > data["saved_activation_bytes"] > 0
+    assert data["param_bytes"] > 0 and data["flops"] > data["forward_flops"] > 0
+    assert len(data["largest_saved"]) == 10 and data["largest_saved"][0]["source"]
+    assert len(data["timeline"]) > 100
+
+
+@pytest.mark.parametrize("target", ["examples/hf_llama.py:small", "examples/mlp.py", "examples/mlp.py:small"])
+def test_analyze_examples(target, capsys):
+    assert main(["analyze", os.path.join(ROOT, target), "--top", "3", "--inner", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "3 largest saved activations" in out
+
+
+def test_analyze_module_target(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    assert main(["analyze", "mlp:small", "--device", "h100"]) == 0
+    assert "h100 profile" in capsys.readouterr().out
+
+
+def _bad(tmp_path, text):
+    p = tmp_path / "target.py"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "make_target, message",
+    [
+        (lambda t: str(t / "missing.py"), "no such file"),
+        (lambda t: _bad(t, "x = 1\n"), "has no factory 'factory'"),
+        (lambda t: _bad(t, "def factory():\n    raise RuntimeError('boom')\n"), "the factory raised RuntimeError: boom"),
+        (lambda t: _bad(t, "import nonexistent_pkg_xyz\n"), "importing"),
+        (lambda t: _bad(t, "def factory():\n    return 3\n"), "must return (model, inputs)"),
+        (lambda t: _bad(t, "import torch\ndef factory():\n    return torch.nn.Linear(2, 2), (torch.randn(3, 2),)\n"), "not a scalar loss"),
+        (lambda t: "no_such_module_abc", "cannot import module"),
+        (lambda t: _bad(t, "factory = 3\n") + ":factory", "not callable"),
+    ],
+)
+def test_bad_input_exit_2_one_line(tmp_path, capsys, make_target, message):
+    code = main(["analyze", make_target(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("memfit: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_input_subprocess_exit_code_and_debug(tmp_path):
+    target = _bad(tmp_path, "def factory():\n    raise RuntimeError('boom')\n")
+    r = run_cli("analyze", target)
+    assert r.returncode == 2 and "boom" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("analyze", target, "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.mark.slow
+def test_llama_7b_config_on_fake_tensors_under_two_minutes(capsys):
+    t0 = time.perf_counter()
+    assert main(["analyze", os.path.join(ROOT, "examples/hf_llama.py:llama_7b"), "--top", "3"]) == 0
+    elapsed = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert elapsed < 120, f"7B analysis took {elapsed:.0f} s"
+    # Llama-2-7B has 6.74e9 parameters: 25.1 GiB in fp32, all fake (this machine has 24 GiB)
+    line = next(l for l in out.splitlines() if l.startswith("parameters"))
+    assert "25.1" in line, line
+    assert "GiB" in next(l for l in out.splitlines() if l.startswith("predicted peak"))
