@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_leaves
 
 from memfit.config import make_options
 from memfit.measure import to_loss
@@ -67,15 +68,20 @@ def load_factory(target: str) -> Callable[[], Any]:
 
 
 class _Step(torch.nn.Module):
-    """model + loss, so one graph holds the whole forward and its output is the scalar loss."""
+    """model + loss in one graph. It returns the loss and every other tensor the model returns:
+    a caller of the compiled model holds those through the backward (an HF model's logits, say),
+    and AOTAutograd gives each one that requires grad a zero tangent there, so both count."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        return to_loss(self.model(*args, **kwargs), self.loss_fn)
+    def forward(self, args: tuple, kwargs: dict) -> tuple:
+        out = self.model(*args, **kwargs)
+        loss = to_loss(out, self.loss_fn)
+        others = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t is not loss]
+        return (loss, *others)
 
 
 def build_step(factory: Callable[[], Any], *, fake: bool = True) -> tuple[torch.nn.Module, tuple, dict, Callable | None]:

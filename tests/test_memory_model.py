@@ -123,14 +123,19 @@ def test_predicted_peak_within_10_percent_of_measured(name, inner):
     assert 0.9 <= ratio <= 1.1, f"{name}: measured {meas.peak_bytes} vs predicted {predicted} ({ratio:.3f})"
 
 
-def test_standalone_analysis_agrees_with_backend_graphs():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_standalone_analysis_agrees_with_backend_graphs(name, inner):
     """The fake-tensor path sees the same step as the backend on real tensors."""
     import gpt
+    import hf_llama
 
-    fake = memfit.analyze(gpt.small, inner="eager")
-    model, inputs = gpt.small()
-    be, step = _compile_step(model, *inputs)
-    step()
+    factory = {"gpt": gpt.small, "llama": hf_llama.small}[name]
+    fake = memfit.analyze(factory, inner=inner)
+    model, inputs = factory()
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, {})
+    be = memfit.backend(inner=inner)
+    training_step(torch.compile(model, backend=be), args, kwargs)()
     real = be.step_analysis()
     assert fake.memory.peak_bytes == real.memory.peak_bytes
     assert fake.memory.saved_bytes == real.memory.saved_bytes

@@ -26,6 +26,7 @@ which ``granularity`` models.
 from __future__ import annotations
 
 import operator
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -123,8 +124,19 @@ def source_of(node: torch.fx.Node) -> tuple[str, str]:
         frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
         if frames:
             f, line, _fn, code = frames[-1]
-            source = f"{f}:{line} {code.strip()}"
+            source = f"{_short_path(f)}:{line} {code.strip()}"
     return module, source
+
+
+def _short_path(path: str) -> str:
+    """``examples/gpt.py`` for files under the working directory, ``transformers/...`` for packages."""
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
 
 
 def _clean_module_path(path: str) -> str:
