@@ -4,7 +4,9 @@ For each reference model (GELU MLP stack, nanoGPT-style GPT, HF Llama from a sma
 one training step four ways and measures the allocator's peak above resident memory and the median
 step time: plain eager (no compile), ``torch.compile`` default (Inductor), and memfit with the eager
 and the Inductor inner compilers. For the memfit runs it prints the memory model's prediction and
-the ratio measured / predicted.
+the ratio measured / predicted, and the cost model's roofline estimate of the step time (on a
+CPU the profile is calibrated by a microbenchmark, so the estimate is a lower bound that ignores
+Python and dispatch overheads beyond a fixed per-op cost).
 
     python benchmarks/predicted_vs_measured.py                 # CPU
     python benchmarks/predicted_vs_measured.py --device cuda   # on a GPU, if there is one
@@ -66,9 +68,11 @@ def run(device: str, size: str, repeat: int) -> list[dict]:
             meas = measure(training_step(m, args, kwargs), device=device, repeat=repeat)
             row = {"model": name, "config": label, "measured_peak": meas.peak_bytes, "time_ms": meas.time_s * 1e3}
             if be is not None:
-                predicted = be.step_analysis().memory.peak_bytes
+                analysis = be.step_analysis()
+                predicted = analysis.memory.peak_bytes
                 row["predicted_peak"] = predicted
                 row["ratio"] = meas.peak_bytes / predicted
+                row["roofline_ms"] = analysis.time_s * 1e3
             rows.append(row)
             print(_fmt(row), flush=True)
     return rows
@@ -77,9 +81,10 @@ def run(device: str, size: str, repeat: int) -> list[dict]:
 def _fmt(r: dict) -> str:
     pred = format_bytes(r["predicted_peak"]) if "predicted_peak" in r else "-"
     ratio = f"{r['ratio']:.3f}" if "ratio" in r else "-"
+    roof = f"{r['roofline_ms']:.1f}" if "roofline_ms" in r else "-"
     return (
         f"| {r['model']:<9} | {r['config']:<23} | {format_bytes(r['measured_peak']):>11} | {pred:>11} | "
-        f"{ratio:>17} | {r['time_ms']:>9.1f} |"
+        f"{ratio:>6} | {r['time_ms']:>7.1f} | {roof:>7} |"
     )
 
 
@@ -91,8 +96,8 @@ def main() -> None:
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args()
     print(f"torch {torch.__version__}, device {a.device}, size {a.size}")
-    print("| model     | config                  | measured peak | predicted | measured/predicted | ms/step |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | config | measured peak | predicted peak | measured/predicted | ms/step | roofline ms |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     rows = run(a.device, a.size, a.repeat)
     if a.out:
         with open(a.out, "w") as f:

@@ -179,6 +179,11 @@ class MemfitBackend:
         pair = GraphPair(fw, bw, num_fwd_outputs, name)
         analysis = analyze_pairs([pair], device=self.options.device, fused=self.options.inner == "inductor")
         record = GraphRecord(name, pair, analysis, partition=joint_partitioner)
+        record.notes.append(
+            f"passes={self.options.passes!r}: no memory pass is available in this version; the graph was "
+            f"partitioned by the {'min-cut' if joint_partitioner == 'mincut' else 'default'} partitioner and "
+            "compiled unchanged"
+        )
         self._check_budget(record)
         self.records.append(record)
         self._write_report()

@@ -69,6 +69,10 @@ class Buffer:
     saved_as: list = field(default_factory=list)
     module: str = ""
     source: str = ""
+    last_use: int = -1
+    """Last step of the buffer's own graph(s) that reads it (any alias of it)."""
+    pinned: int = -1
+    """Step it must live to regardless of uses (saved for the backward, returned to the user)."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,11 @@ def _clean_module_path(path: str) -> str:
 
 
 class _Sim:
-    def __init__(self, granularity: int):
+    def __init__(self, granularity: int, fused: set[torch.fx.Node]):
         self.g = max(1, granularity)
+        self.fused = fused
         self.buffers: list[Buffer] = []
+        self.schedule: list[tuple[str, str]] = []  # (graph, node) per step
         self.step = -1
 
     def size(self, t) -> int:
@@ -182,11 +188,11 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
     ``fused=True`` models a fusing compiler (Inductor): values that :func:`fused_away` says live only
     inside a fused kernel take no memory.
     """
-    sim = _Sim(granularity)
-    sim.fused = set()
+    away: set[torch.fx.Node] = set()
     if fused:
         for p in pairs:
-            sim.fused |= fused_away(p.forward) | (fused_away(p.backward) if p.backward is not None else set())
+            away |= fused_away(p.forward) | (fused_away(p.backward) if p.backward is not None else set())
+    sim = _Sim(granularity, away)
     # Pass 1: walk the graphs to create buffers and record local last uses.
     fw_info = []
     for p in pairs:
@@ -216,13 +222,13 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
                     continue
                 if j < p.num_user_outputs or k not in bw_info:
                     b.kind = OUTPUT
-                    b._pinned = end
+                    b.pinned = end
                 else:
                     if b.kind != OUTPUT:
                         b.kind = SAVED
                     b.saved_as.append(a.name)
                     # without a backward use it still lives until the backward starts
-                    b._pinned = max(getattr(b, "_pinned", -1), bw_info[k][2])
+                    b.pinned = max(b.pinned, bw_info[k][2])
         if k in bw_info:
             bw_bufs, bw_out, _ = bw_info[k]
             for a in bw_out:
@@ -231,9 +237,9 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
                         if b is not None and b.kind != RESIDENT:
                             if b.kind in (TEMP, TANGENT):
                                 b.kind = GRAD
-                            b._pinned = end
+                            b.pinned = end
     for b in sim.buffers:
-        b.free_step = max(getattr(b, "_last_local", b.alloc_step), getattr(b, "_pinned", -1), b.alloc_step)
+        b.free_step = max(b.last_use, b.pinned, b.alloc_step)
 
     # Pass 2: replay allocations and frees into the timeline.
     allocs: dict[int, int] = {}
@@ -252,16 +258,11 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
         timeline.append(TimelinePoint(step, graph, name, before, live))
     peak_step = max(range(len(timeline)), key=lambda i: timeline[i].live_bytes) if timeline else 0
     peak = timeline[peak_step].live_bytes if timeline else 0
-    for b in sim.buffers:
-        b.__dict__.pop("_last_local", None)
-        b.__dict__.pop("_pinned", None)
     return MemoryModel(sim.buffers, timeline, peak, peak_step)
 
 
 def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
     """Create the buffers of one graph and record, on each buffer, its last use in this graph."""
-    if not hasattr(sim, "schedule"):
-        sim.schedule = []
     bufs: dict[str, list] = {}
     nodes = list(gm.graph.nodes)
     first_step = sim.step + 1
@@ -304,12 +305,12 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
             bufs[n.name] = [sim.new(graph, n, 0, RESIDENT)]
         for b in bufs.get(n.name, []):
             if b is not None:  # used by nobody yet: would die right after it is made
-                b._last_local = max(getattr(b, "_last_local", -1), sim.step)
+                b.last_use = max(b.last_use, sim.step)
         if n.op != "output":
             for a in n.all_input_nodes:
                 for b in bufs.get(a.name, []):
                     if b is not None:
-                        b._last_local = max(getattr(b, "_last_local", -1), sim.step)
+                        b.last_use = max(b.last_use, sim.step)
     return bufs, output_args, first_step
 
 
