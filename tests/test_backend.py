@@ -89,3 +89,23 @@ def test_plain_inductor_cache_does_not_bypass_memfit():
     be = memfit.backend()
     torch.compile(model, backend=be)(*args).backward()
     assert len(be.records) == 1 and be.records[0].partition == "mincut"
+
+
+def test_bf16_autocast_and_frozen_params_match_eager():
+    """Autocast (bf16) and parameters that do not require grad (LoRA-style) take the same path."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    model[0].weight.requires_grad_(False)
+    ref = __import__("copy").deepcopy(model)
+    be = memfit.backend(inner="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x).float().pow(2).mean().backward()
+        ref(x).float().pow(2).mean().backward()
+    assert model[0].weight.grad is None
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+    bf16 = [b for b in be.records[0].analysis.memory.saved if b.nbytes == 16 * 64 * 2]
+    assert bf16, "expected a bf16 activation among the saved values"

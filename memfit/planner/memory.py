@@ -53,6 +53,11 @@ class GraphPair:
     num_user_outputs: int
     """How many of the forward's outputs go to the user; the rest are saved for the backward."""
     name: str = "g0"
+    param_inputs: tuple[bool, ...] | None = None
+    """Per forward input, whether it is a parameter; ``None``: unknown. When a step has several
+    graphs (graph breaks), the gradient a later graph returns for a non-parameter input is the
+    incoming gradient (tangent) of an earlier graph: it is counted once, and freed when that
+    earlier backward is done, instead of being a gradient that lives to the end of the step."""
 
 
 @dataclass
@@ -198,6 +203,7 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
     for p in pairs:
         fw_info.append(_collect(sim, p.forward, f"{p.name}.fw", None, ACTIVATION))
     bw_info = {}
+    bw_last: dict[int, int] = {}
     for k in reversed(range(len(pairs))):
         p = pairs[k]
         if p.backward is None:
@@ -208,7 +214,10 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
         for j, a in enumerate(fw_out):
             if isinstance(a, torch.fx.Node) and j >= p.num_user_outputs:
                 saved_map[a.name] = fw_bufs.get(a.name, [None])
-        bw_info[k] = _collect(sim, p.backward, f"{p.name}.bw", saved_map, TEMP)
+        bw_info[k] = _collect(
+            sim, p.backward, f"{p.name}.bw", saved_map, TEMP, free_tangents=k < len(pairs) - 1
+        )
+        bw_last[k] = sim.step
 
     end = sim.step
     # Lifetimes: a buffer lives to its last local use, extended for saved values, outputs, grads.
@@ -222,7 +231,13 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
                     continue
                 if j < p.num_user_outputs or k not in bw_info:
                     b.kind = OUTPUT
-                    b.pinned = end
+                    nxt = pairs[k + 1] if k + 1 < len(pairs) else None
+                    if nxt is not None and nxt.param_inputs is not None and k + 1 in bw_last:
+                        # an output of a graph that a graph break cut off: the next graph takes
+                        # it as input, and nothing holds it once that graph's backward is done
+                        b.pinned = max(b.pinned, bw_last[k + 1])
+                    else:
+                        b.pinned = end
                 else:
                     if b.kind != OUTPUT:
                         b.kind = SAVED
@@ -231,13 +246,18 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
                     b.pinned = max(b.pinned, bw_info[k][2])
         if k in bw_info:
             bw_bufs, bw_out, _ = bw_info[k]
-            for a in bw_out:
+            handed_back = k > 0 and k - 1 in bw_last and p.param_inputs is not None
+            for i, a in enumerate(bw_out):
                 if isinstance(a, torch.fx.Node):
                     for b in bw_bufs.get(a.name, []):
-                        if b is not None and b.kind != RESIDENT:
-                            if b.kind in (TEMP, TANGENT):
-                                b.kind = GRAD
-                            b.pinned = end
+                        if b is None or b.kind == RESIDENT:
+                            continue
+                        if handed_back and i < len(p.param_inputs) and not p.param_inputs[i]:
+                            b.pinned = max(b.pinned, bw_last[k - 1])  # the next backward's tangent
+                            continue
+                        if b.kind in (TEMP, TANGENT):
+                            b.kind = GRAD
+                        b.pinned = end
     for b in sim.buffers:
         b.free_step = max(b.last_use, b.pinned, b.alloc_step)
 
@@ -247,7 +267,7 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
     for b in sim.buffers:
         if b.nbytes:
             allocs[b.alloc_step] = allocs.get(b.alloc_step, 0) + b.nbytes
-            if b.kind not in (OUTPUT, GRAD):  # those outlive the step
+            if b.free_step < end or b.kind not in (OUTPUT, GRAD):  # those outlive the step
                 frees[b.free_step] = frees.get(b.free_step, 0) + b.nbytes
     timeline = []
     live = 0
@@ -261,7 +281,7 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
     return MemoryModel(sim.buffers, timeline, peak, peak_step)
 
 
-def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
+def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_tangents: bool = False):
     """Create the buffers of one graph and record, on each buffer, its last use in this graph."""
     bufs: dict[str, list] = {}
     nodes = list(gm.graph.nodes)
@@ -274,8 +294,10 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str):
             if placeholder_bufs is not None and n.name in placeholder_bufs:
                 bufs[n.name] = placeholder_bufs[n.name]
             elif placeholder_bufs is not None and n.name.startswith("tangents"):
-                # an incoming gradient, made by autograd just before the backward runs
-                bufs[n.name] = [sim.new(graph, n, sim.size(v), TANGENT) for v in node_vals(n)] or [None]
+                # an incoming gradient, made by autograd just before the backward runs; with
+                # free_tangents, a later graph's backward made it (and it is counted there)
+                size = (lambda v: 0) if free_tangents else sim.size
+                bufs[n.name] = [sim.new(graph, n, size(v), TANGENT) for v in node_vals(n)] or [None]
             elif placeholder_bufs is not None and node_vals(n):
                 raise ValueError(
                     f"backward input {n.name!r} of {graph} is neither a tangent nor a value the forward "
