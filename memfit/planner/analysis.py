@@ -65,7 +65,7 @@ class StepAnalysis:
                     "saved_as": b.saved_as,
                     "module": b.module,
                     "source": b.source,
-                    "live_at_peak": b.alloc_step <= m.peak_step <= b.free_step,
+                    "live_at_peak": b.live_at(m.peak_step),
                 }
                 for b in m.saved[:top]
             ],
@@ -97,7 +97,7 @@ class StepAnalysis:
             lines.append(f"{len(saved)} largest saved activations (* = live at the peak):")
             w = max(len(b.producer) for b in saved)
             for b in saved:
-                star = "*" if b.alloc_step <= m.peak_step <= b.free_step else " "
+                star = "*" if b.live_at(m.peak_step) else " "
                 where = " ".join(x for x in (b.module, b.source) if x) or "(no source recorded)"
                 lines.append(f" {star} {format_bytes(b.nbytes):>12}  {b.producer:<{w}}  {where}")
         for n in self.notes:

@@ -79,6 +79,9 @@ class Buffer:
     pinned: int = -1
     """Step it must live to regardless of uses (saved for the backward, returned to the user)."""
 
+    def live_at(self, step: int) -> bool:
+        return self.alloc_step <= step <= self.free_step
+
 
 @dataclass(frozen=True)
 class TimelinePoint:
@@ -112,7 +115,7 @@ class MemoryModel:
         return sum(b.nbytes for b in self.buffers if b.kind == SAVED)
 
     def live_at(self, step: int) -> list[Buffer]:
-        return [b for b in self.buffers if b.nbytes and b.alloc_step <= step <= b.free_step]
+        return [b for b in self.buffers if b.nbytes and b.live_at(step)]
 
     def dominant_saved(self, k: int = 10) -> list[Buffer]:
         """The saved activations live at the peak, largest first: what a plan has to attack."""
