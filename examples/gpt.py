@@ -3,8 +3,8 @@
     memfit analyze examples/gpt.py               # the memory model of one training step
     python examples/gpt.py                       # train a few steps with memfit, print the losses
 
-The factory returns ``(model, inputs, loss_fn)``; memfit calls it under ``torch.device("meta")``
-for analysis, so the sizes below may be made as large as you like there.
+The factory returns ``(model, inputs)`` (the model computes its own loss); ``memfit analyze`` calls
+it under a FakeTensorMode, so the sizes may be made as large as you like there.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Public API::
     torch.compile(model, backend="memfit", options={"budget": "6GiB"})
     torch.compile(model, backend=memfit.backend(budget="6GiB", inner="eager"))
     memfit.measure(step)                 # measured peak bytes and wall time of one step
-    memfit.analyze(factory)              # the memory model of a model's step, on meta tensors
+    memfit.analyze(factory)              # the memory model of a model's step, on fake tensors
 """
 
 from memfit.backend import MemfitBackend, backend

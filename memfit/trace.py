@@ -1,4 +1,4 @@
-"""The standalone path: build a model's training graphs on meta tensors and analyse them.
+"""The standalone path: build a model's training graphs on fake tensors and analyse them.
 
 A *target* names a factory: ``path/to/file.py`` or ``package.module``, optionally ``:name``
 (default ``factory``). The factory takes no arguments and returns ``(model, inputs)`` or
