@@ -37,6 +37,8 @@ from torch._dynamo.exc import ShortenTraceback
 from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
 from memfit.config import Options, format_bytes, make_options
+from memfit.passes import CantApply
+from memfit.planner.cost import get_profile
 from memfit.planner.analysis import StepAnalysis, analyze_pairs
 from memfit.planner.memory import GraphPair
 
@@ -52,14 +54,29 @@ class GraphRecord:
     notes: list[str] = field(default_factory=list)
     frame: Any = None
     """Dynamo's frame id: a recompile (new shapes, say) of the same code has the same frame."""
+    plan: Any = None
+    """The checkpoint plan carried out, if any."""
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "partition": self.partition,
             "notes": list(self.notes),
             "analysis": self.analysis.to_json(),
         }
+        if self.plan is not None:
+            p = self.plan
+            out["checkpoint_plan"] = {
+                "budget": p.budget,
+                "predicted_peak": p.predicted_peak,
+                "saved_bytes": p.saved_bytes,
+                "recompute_time_s": p.recompute_time_s,
+                "saved": sorted(p.saved),
+                "recomputed": sorted(p.recomputed),
+                "probes": p.probes,
+                "plan_time_s": p.plan_time_s,
+            }
+        return out
 
 
 _graph_ids = itertools.count()
@@ -94,6 +111,33 @@ class MemfitBackend:
     def _note_inputs(self, example_inputs: Sequence[Any]) -> None:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
         self._param_inputs = tuple(isinstance(x, torch.nn.Parameter) for x in example_inputs)
+
+    @property
+    def _passes(self) -> tuple[str, ...]:
+        """The passes this backend may run: the named ones, or every registered one for "auto"."""
+        from memfit.passes import PASSES
+
+        return tuple(PASSES) if self.options.passes == "auto" else tuple(self.options.passes)
+
+    def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse):
+        """Plan and carry out a checkpoint plan; returns it with (fw, bw, pair, analysis)."""
+        from memfit.passes import checkpoint as ckpt
+        from memfit.planner import checkpoint as planner
+
+        ckpt.prepare(joint)
+
+        def evaluate(saved):
+            fw, bw = ckpt.apply(joint, saved, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static)
+            pair, analysis = analyse(fw, bw)
+            return analysis.memory.peak_bytes, (fw, bw, pair, analysis)
+
+        profile = get_profile(self.options.device)
+        try:
+            return planner.plan(
+                joint, num_fwd_outputs=num_fwd_outputs, budget=budget, profile=profile, evaluate=evaluate
+            )
+        except planner.Infeasible as e:
+            raise BudgetError(e.smallest_peak, e.budget) from None
 
     @property
     def _fused(self) -> bool:
@@ -187,23 +231,57 @@ class MemfitBackend:
 
             joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
         compiler = kwargs.pop("compiler", "inductor")
-        if joint_partitioner == "mincut":
-            fw, bw = min_cut_rematerialization_partition(
-                joint, joint_inputs, compiler=compiler, num_fwd_outputs=num_fwd_outputs, **kwargs
-            )
-        else:
-            fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        static = kwargs.get("static_lifetime_input_indices")
+
+        def baseline():
+            if joint_partitioner == "mincut":
+                return min_cut_rematerialization_partition(
+                    joint, joint_inputs, compiler=compiler, num_fwd_outputs=num_fwd_outputs, **kwargs
+                )
+            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
         primals = joint_inputs[0] if isinstance(joint_inputs, (list, tuple)) and joint_inputs else ()
         params = self._param_inputs
-        pair = GraphPair(fw, bw, num_fwd_outputs, name, params if params and len(params) == len(primals) else None)
-        analysis = analyze_pairs([pair], device=self.options.device, fused=self._fused)
+        params = params if params and len(params) == len(primals) else None
+
+        def analyse(fw, bw):
+            pair = GraphPair(fw, bw, num_fwd_outputs, name, params)
+            return pair, analyze_pairs([pair], device=self.options.device, fused=self._fused)
+
+        fw, bw = baseline()
+        pair, analysis = analyse(fw, bw)
+        partition_name = "min-cut" if joint_partitioner == "mincut" else "default"
+        notes: list[str] = []
+        plan = None
+        budget = self.options.budget
+        if budget is not None and analysis.memory.peak_bytes > budget and "checkpoint" in self._passes:
+            try:
+                plan, (fw, bw, pair, analysis) = self._plan_checkpoint(joint, num_fwd_outputs, budget, static, analyse)
+                notes.append(
+                    f"checkpoint: {len(plan.saved)} values saved, {len(plan.recomputed)} recomputed; predicted peak "
+                    f"{format_bytes(plan.predicted_peak)} within the budget {format_bytes(budget)}, recompute "
+                    f"{plan.recompute_time_s * 1e3:.3f} ms ({analysis.profile.name} roofline); planned in "
+                    f"{plan.plan_time_s:.2f} s over {plan.probes} probes"
+                )
+            except CantApply as e:
+                notes.append(f"checkpoint: not applied: {e.reason}")
+                warnings.warn(f"memfit: checkpoint pass not applied to graph {name}: {e.reason}", stacklevel=2)
+                fw, bw = baseline()
+                pair, analysis = analyse(fw, bw)
+        elif budget is not None and "checkpoint" in self._passes:
+            notes.append(
+                f"checkpoint: not needed; the {partition_name} partition's predicted peak "
+                f"{format_bytes(analysis.memory.peak_bytes)} is within the budget {format_bytes(budget)}"
+            )
         cid = torch._guards.CompileContext.current_compile_id()
         record = GraphRecord(name, pair, analysis, partition=joint_partitioner, frame=getattr(cid, "frame_id", None))
-        record.notes.append(
-            f"passes={self.options.passes!r}: no memory pass is available in this version; the graph was "
-            f"partitioned by the {'min-cut' if joint_partitioner == 'mincut' else 'default'} partitioner and "
-            "compiled unchanged"
-        )
+        record.plan = plan
+        record.notes.extend(notes)
+        if not self._passes:
+            record.notes.append(
+                f"passes={self.options.passes!r}: no memory pass enabled; the graph was partitioned by the "
+                f"{partition_name} partitioner and compiled unchanged"
+            )
         self._check_budget(record)
         self.records.append(record)
         self._write_report()
@@ -215,8 +293,8 @@ class MemfitBackend:
         if budget is not None and peak > budget:
             msg = (
                 f"memfit: graph {record.name} has a predicted step peak of {format_bytes(peak)}, over the "
-                f"budget of {format_bytes(budget)}, and no memory pass in this version can reduce it; "
-                "the graph is compiled unchanged"
+                f"budget of {format_bytes(budget)}, and no enabled memory pass reduced it "
+                f"(passes={self.options.passes!r}); the graph is compiled unchanged"
             )
             record.notes.append(msg)
             warnings.warn(msg, stacklevel=2)
@@ -286,6 +364,23 @@ class OptionsError(ShortenTraceback, ValueError):
     Dynamo wraps whatever a backend raises in ``BackendCompilerFailed`` (a RuntimeError), except
     ``ShortenTraceback``; deriving from it lets the user see a plain ``ValueError`` naming the option.
     """
+
+
+class BudgetError(ShortenTraceback):
+    """No plan memfit can make fits the budget; says the smallest peak it can reach.
+
+    (Derived from ``ShortenTraceback`` so Dynamo passes it to the user as it is.)
+    """
+
+    def __init__(self, smallest_peak: int, budget: int):
+        self.smallest_peak = smallest_peak
+        self.budget = budget
+        super().__init__(
+            f"memfit: no plan fits the budget of {format_bytes(budget)} ({budget} bytes): the smallest step "
+            f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes). "
+            "Raise the budget, or shrink the batch or sequence",
+            first_useful_frame=None,
+        )
 
 
 _shared: dict[Options, MemfitBackend] = {}

@@ -2,8 +2,11 @@
 
     memfit analyze examples/gpt.py [--json out.json] [--device h100] [--inner eager]
 
+    memfit analyze --budget 2GiB examples/gpt.py   # plan activation checkpointing to fit 2 GiB
+
 Exit codes: 0 done; 2 bad input (missing file, no factory, the factory or the trace fails), with a
-one-line reason on stderr and no traceback unless ``--debug``.
+one-line reason on stderr and no traceback unless ``--debug``; 3 no plan fits the budget (the
+message states the smallest peak memfit can reach).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import warnings
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         default="inductor",
         help="analyse the graphs as this inner compiler gets them (default: inductor)",
     )
+    a.add_argument(
+        "--budget",
+        metavar="SIZE",
+        help="peak the step may use above resident memory (e.g. 2GiB); plans activation checkpointing to fit",
+    )
     a.add_argument("--top", type=int, default=10, metavar="N", help="how many saved values to list (default: 10)")
     a.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -53,7 +62,7 @@ def _analyze(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if not args.debug:
             warnings.simplefilter("ignore")
-        analysis = analyze(args.target, inner=args.inner, device=args.device)
+        analysis = analyze(args.target, inner=args.inner, device=args.device, budget=args.budget)
     elapsed = time.perf_counter() - t0
     print(analysis.format(top=args.top, title=f"memfit analyze {args.target}  ({args.inner} graphs, {elapsed:.1f} s)"))
     if args.json:
@@ -68,6 +77,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from memfit.backend import BudgetError
     from memfit.trace import TargetError
 
     try:
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.top < 0:
                 raise TargetError(f"--top {args.top} must be >= 0")
             return _analyze(args)
+    except BudgetError as e:
+        print(str(e).splitlines()[0], file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     except (TargetError, ValueError, OSError) as e:
         if getattr(args, "debug", False):
             raise

@@ -156,15 +156,31 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     except TargetError:
         raise
     except Exception as e:
+        budget_error = _find_budget_error(e)
+        if budget_error is not None:
+            raise budget_error from None
         raise TargetError(f"tracing the training step failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         torch._dynamo.reset()
     if not be.records:
         raise TargetError("no training graph was produced (does the loss depend on the parameters?)")
     analysis = be.step_analysis(param_bytes=param_bytes)
+    analysis.plans = [r.plan for r in be.records if r.plan is not None]
+    for r in be.records:
+        analysis.notes.extend(n for n in r.notes if n.startswith("checkpoint"))
     for b in analysis.memory.buffers:  # module paths are relative to the _Step wrapper
         b.module = b.module[len("model.") :] if b.module.startswith("model.") else b.module.replace("model", "", 1)
     return analysis
+
+
+def _find_budget_error(e: BaseException):
+    from memfit.backend import BudgetError
+
+    while e is not None:
+        if isinstance(e, BudgetError):
+            return e
+        e = e.__cause__ or getattr(e, "inner_exception", None)
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,6 +15,8 @@ class CantApply(Exception):
         self.reason = reason
 
 
-PASSES: dict[str, object] = {}
+PASSES: dict[str, str] = {
+    "checkpoint": "memfit.passes.checkpoint",  # save or recompute each forward value (exact)
+}
 
 __all__ = ["PASSES", "CantApply"]

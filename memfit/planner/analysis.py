@@ -31,6 +31,8 @@ class StepAnalysis:
     """Bytes of the model's parameters, where the caller knows which inputs are parameters."""
     num_graphs: int = 1
     notes: list[str] = field(default_factory=list)
+    plans: list = field(default_factory=list)
+    """Checkpoint plans carried out in these graphs (memfit.planner.checkpoint.CheckpointPlan)."""
 
     @property
     def flops(self) -> int:
@@ -71,6 +73,17 @@ class StepAnalysis:
             ],
             "timeline": [[p.graph, p.node, p.live_bytes, p.after_free] for p in m.timeline],
             "notes": list(self.notes),
+            "checkpoint_plans": [
+                {
+                    "budget": p.budget,
+                    "predicted_peak": p.predicted_peak,
+                    "saved_bytes": p.saved_bytes,
+                    "recompute_time_s": p.recompute_time_s,
+                    "saved": sorted(p.saved),
+                    "recomputed": sorted(p.recomputed),
+                }
+                for p in self.plans
+            ],
         }
 
     def format(self, top: int = 10, title: str | None = None) -> str:
@@ -100,6 +113,15 @@ class StepAnalysis:
                 star = "*" if b.live_at(m.peak_step) else " "
                 where = " ".join(x for x in (b.module, b.source) if x) or "(no source recorded)"
                 lines.append(f" {star} {format_bytes(b.nbytes):>12}  {b.producer:<{w}}  {where}")
+        for plan in self.plans:
+            lines.append("")
+            lines.append(
+                f"checkpoint plan for a budget of {format_bytes(plan.budget)}: predicted peak "
+                f"{format_bytes(plan.predicted_peak)}, +{plan.recompute_time_s * 1e3:.3f} ms recompute "
+                f"({self.profile.name} roofline), planned in {plan.plan_time_s:.1f} s"
+            )
+            lines.append(f"  saved ({len(plan.saved)}, {format_bytes(plan.saved_bytes)}): {_names(plan.saved)}")
+            lines.append(f"  recomputed in the backward ({len(plan.recomputed)}): {_names(plan.recomputed)}")
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
@@ -132,4 +154,16 @@ def analyze_pairs(
             for n in gm.graph.nodes:
                 if n.op == "call_function":
                     costs.append(NodeCost(tag, n.name, str(n.target), node_flops(n), node_time(n, profile)))
-    return StepAnalysis(memory, costs, profile, param_bytes=param_bytes, num_graphs=len(pairs))
+    notes = []
+    if memory.unmatched:
+        notes.append(
+            f"backward inputs {memory.unmatched[:4]} match no saved forward value by name; counted as "
+            "allocated from the start of the backward"
+        )
+    return StepAnalysis(memory, costs, profile, param_bytes=param_bytes, num_graphs=len(pairs), notes=notes)
+
+
+def _names(names, k: int = 12) -> str:
+    names = sorted(names, key=lambda x: (len(x), x))
+    more = f" ... (+{len(names) - k})" if len(names) > k else ""
+    return ", ".join(names[:k]) + more

@@ -100,6 +100,8 @@ class MemoryModel:
     timeline: list[TimelinePoint]
     peak_bytes: int
     peak_step: int
+    unmatched: list[str] = field(default_factory=list)
+    """Backward inputs that match no saved forward output by name (counted as made at its start)."""
 
     @property
     def peak_point(self) -> TimelinePoint | None:
@@ -166,6 +168,7 @@ class _Sim:
         self.fused = fused
         self.buffers: list[Buffer] = []
         self.schedule: list[tuple[str, str]] = []  # (graph, node) per step
+        self.unmatched: list[str] = []  # backward inputs not matched to a saved forward output
         self.step = -1
 
     def size(self, t) -> int:
@@ -281,7 +284,7 @@ def simulate(pairs: list[GraphPair], granularity: int = 1, fused: bool = False) 
         timeline.append(TimelinePoint(step, graph, name, before, live))
     peak_step = max(range(len(timeline)), key=lambda i: timeline[i].live_bytes) if timeline else 0
     peak = timeline[peak_step].live_bytes if timeline else 0
-    return MemoryModel(sim.buffers, timeline, peak, peak_step)
+    return MemoryModel(sim.buffers, timeline, peak, peak_step, unmatched=sim.unmatched)
 
 
 def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_tangents: bool = False):
@@ -302,10 +305,11 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
                 size = (lambda v: 0) if free_tangents else sim.size
                 bufs[n.name] = [sim.new(graph, n, size(v), TANGENT) for v in node_vals(n)] or [None]
             elif placeholder_bufs is not None and node_vals(n):
-                raise ValueError(
-                    f"backward input {n.name!r} of {graph} is neither a tangent nor a value the forward "
-                    "saved; the memory model cannot place it"
-                )
+                # handed over by the forward under another name (e.g. the RNG state that
+                # functionalized dropout in a checkpoint region saves): counted from the start of
+                # the backward, the conservative end of what it can cost
+                bufs[n.name] = [sim.new(graph, n, sim.size(v), TANGENT) for v in node_vals(n)]
+                sim.unmatched.append(n.name)
             else:
                 bufs[n.name] = [sim.new(graph, n, 0, RESIDENT) for _ in node_vals(n)] or [None]
         elif n.op == "call_function":

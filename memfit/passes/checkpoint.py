@@ -1,0 +1,74 @@
+"""Checkpoint pass: partition a joint graph so that exactly the plan's values are saved.
+
+A :class:`~memfit.planner.plan.CheckpointPlan` names the forward values to save. Every other
+forward value the backward needs is recomputed in the backward from saved values and inputs; the
+backward is then reordered (PyTorch's ``reordering_to_mimic_autograd_engine``) so each recomputed
+value is made just before its first use rather than all at the start of the backward, which is
+what keeps recomputation from raising the peak (pytorch/pytorch#197838 is the cost of not doing
+so inside a knapsack that never sees it).
+
+Legality is checked here, not assumed: random ops (dropout) must be saved, never replayed, so a
+plan that would recompute one raises :class:`~memfit.passes.CantApply`, as does a plan for a graph
+with symbolic shapes (not planned yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._functorch import partitioners as P
+
+from memfit.passes import CantApply
+
+
+def is_random(node: torch.fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def prepare(joint: torch.fx.GraphModule) -> None:
+    """What the min-cut partitioner does before choosing: drop dead code, tag what must be saved
+    (collectives, effectful ops, sources of backward mutations) and normalise user checkpoint tags."""
+    joint.graph.eliminate_dead_code()
+    joint.recompile()
+    if P.has_recomputable_ops(joint):
+        P.cleanup_recompute_tags(joint, is_default_partition=False)
+    P.force_save_collectives(joint)
+    P.force_save_effectful_ops(joint)
+    P.force_save_bw_mutation_src(joint)
+
+
+def apply(
+    joint: torch.fx.GraphModule,
+    saved: frozenset[str] | set[str],
+    *,
+    num_fwd_outputs: int,
+    static_lifetime_input_indices: list[int] | None = None,
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Forward and backward graphs that save the nodes named in ``saved`` and recompute the rest."""
+    order = {n: i for i, n in enumerate(joint.graph.nodes)}
+    by_name = {n.name: n for n in joint.graph.nodes}
+    missing = sorted(set(saved) - set(by_name))
+    if missing:
+        raise CantApply(f"the plan names values that are not in the graph: {missing[:5]}")
+    if any(P.is_sym_node(n) for n in joint.graph.nodes if n.op == "placeholder"):
+        raise CantApply("the graph has symbolic shapes (dynamic=True); checkpoint plans need static shapes for now")
+    primals = [n for n in joint.graph.nodes if P._is_primal(n)]
+    # Inputs (parameters, the batch) are resident: handing them to the backward costs nothing, and
+    # recomputation may start from any of them.
+    values = sorted({by_name[s] for s in saved} | {p for p in primals if p.users}, key=order.__getitem__)
+    static = None
+    if static_lifetime_input_indices:
+        from torch.utils._ordered_set import OrderedSet
+
+        static = OrderedSet(p for i, p in enumerate(primals) if i in static_lifetime_input_indices)
+    fw, bw = P._extract_fwd_bwd_modules(
+        joint, values, saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs, static_lifetime_input_nodes=static
+    )
+    replayed = [n.name for n in bw.graph.nodes if n.op == "call_function" and is_random(n)]
+    if replayed:
+        raise CantApply(f"the plan would replay random ops in the backward ({replayed[:3]}); they must be saved")
+    bw = P.reordering_to_mimic_autograd_engine(bw)
+    for gm in (fw, bw):
+        gm.meta["memfit_checkpoint_plan"] = True
+    return fw, bw
