@@ -81,6 +81,13 @@ class GraphRecord:
 
 _graph_ids = itertools.count()
 
+#: Under Inductor, plans aim at this fraction of the budget. With recomputation in the backward,
+#: measured peaks under Inductor ran up to 9.3% above the fusion-aware memory model (8-layer GPT,
+#: 256 wide, 4x256 tokens, budget 45% of the unplanned peak: 67.5 MiB measured, 61.8 predicted;
+#: the excess appears at the attention backward). Until the model captures what Inductor
+#: materialises there, the margin keeps the measured peak under the budget.
+INDUCTOR_PLAN_MARGIN = 0.9
+
 
 def _requires_grad(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad
@@ -132,12 +139,14 @@ class MemfitBackend:
             return analysis.memory.peak_bytes, (fw, bw, pair, analysis)
 
         profile = get_profile(self.options.device)
+        margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
+        target = int(budget * margin)
         try:
             return planner.plan(
-                joint, num_fwd_outputs=num_fwd_outputs, budget=budget, profile=profile, evaluate=evaluate
+                joint, num_fwd_outputs=num_fwd_outputs, budget=target, profile=profile, evaluate=evaluate
             )
         except planner.Infeasible as e:
-            raise BudgetError(e.smallest_peak, e.budget) from None
+            raise BudgetError(e.smallest_peak, budget, margin) from None
 
     @property
     def _fused(self) -> bool:
@@ -372,12 +381,18 @@ class BudgetError(ShortenTraceback):
     (Derived from ``ShortenTraceback`` so Dynamo passes it to the user as it is.)
     """
 
-    def __init__(self, smallest_peak: int, budget: int):
+    def __init__(self, smallest_peak: int, budget: int, margin: float = 1.0):
         self.smallest_peak = smallest_peak
         self.budget = budget
+        extra = ""
+        if margin < 1.0:
+            extra = (
+                f"; under Inductor plans keep a {100 * (1 - margin):.0f}% margin, so the smallest budget that can be "
+                f"planned is {format_bytes(smallest_peak / margin)}"
+            )
         super().__init__(
             f"memfit: no plan fits the budget of {format_bytes(budget)} ({budget} bytes): the smallest step "
-            f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes). "
+            f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes){extra}. "
             "Raise the budget, or shrink the batch or sequence",
             first_useful_frame=None,
         )

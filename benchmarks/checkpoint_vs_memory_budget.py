@@ -1,0 +1,109 @@
+"""memfit checkpoint plans vs PyTorch's activation_memory_budget, side by side in one run.
+
+One model (an 8-layer nanoGPT-style GPT by default), Inductor for both. For PyTorch, the step is
+measured at several ``torch._functorch.config.activation_memory_budget`` fractions; for memfit at
+absolute budgets from "save all" down to below the smallest feasible. For each memfit budget the
+table shows the PyTorch fraction whose measured peak is closest, and the ratios of peak and time.
+
+    python benchmarks/checkpoint_vs_memory_budget.py [--layers 8] [--inner inductor] [--out r.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+import gpt  # noqa: E402
+
+import memfit  # noqa: E402
+from memfit.backend import BudgetError  # noqa: E402
+from memfit.config import format_bytes  # noqa: E402
+from memfit.measure import measure, training_step  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--inner", choices=("inductor", "eager"), default="inductor")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out")
+    a = p.parse_args()
+    model, inputs = gpt.factory(batch=4, seq=256, n_layer=a.layers, vocab_size=512)
+    print(f"torch {torch.__version__}; GPT {a.layers} layers, 256 wide, batch 4 x 256 tokens; inner={a.inner}")
+
+    def run(compiled):
+        torch._dynamo.reset()
+        return measure(training_step(compiled, inputs), repeat=a.repeat)
+
+    torch_rows = []
+    for frac in (1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0):
+        with torch._functorch.config.patch(activation_memory_budget=frac):
+            m = run(torch.compile(copy.deepcopy(model)))
+        torch_rows.append({"fraction": frac, "peak": m.peak_bytes, "time_ms": m.time_s * 1e3})
+        print(f"torch activation_memory_budget={frac:<4}  peak {format_bytes(m.peak_bytes):>11}  {m.time_s * 1e3:7.1f} ms", flush=True)
+
+    save_all = torch_rows[0]["peak"]
+    memfit_rows = []
+    for frac in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4):
+        budget = int(save_all * frac)
+        be = memfit.backend(inner=a.inner, budget=budget)
+        t0 = time.perf_counter()
+        try:
+            m = run(torch.compile(copy.deepcopy(model), backend=be))
+        except BudgetError as e:
+            print(f"memfit budget {format_bytes(budget):>11}: {str(e).splitlines()[0]}", flush=True)
+            memfit_rows.append({"budget": budget, "infeasible": True, "smallest_peak": e.smallest_peak})
+            continue
+        plan = be.records[0].plan
+        row = {
+            "budget": budget,
+            "peak": m.peak_bytes,
+            "predicted": be.records[0].analysis.memory.peak_bytes,
+            "time_ms": m.time_s * 1e3,
+            "plan_time_s": plan.plan_time_s if plan else 0.0,
+            "compile_and_measure_s": time.perf_counter() - t0,
+        }
+        memfit_rows.append(row)
+        print(
+            f"memfit budget {format_bytes(budget):>11}  peak {format_bytes(m.peak_bytes):>11} "
+            f"(predicted {format_bytes(row['predicted'])})  {row['time_ms']:7.1f} ms  plan {row['plan_time_s']:.1f} s",
+            flush=True,
+        )
+
+    print()
+    print("| memfit budget | memfit peak | peak/budget | predicted/measured | memfit ms | closest torch fraction | torch peak | torch ms | peak ratio (memfit/torch) | time ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in memfit_rows:
+        if r.get("infeasible"):
+            print(f"| {format_bytes(r['budget'])} | infeasible (smallest {format_bytes(r['smallest_peak'])}) | | | | | | | | |")
+            continue
+        t = min(torch_rows, key=lambda x: abs(x["peak"] - r["peak"]))
+        print(
+            f"| {format_bytes(r['budget'])} | {format_bytes(r['peak'])} | {r['peak'] / r['budget']:.3f} | "
+            f"{r['predicted'] / r['peak']:.3f} | {r['time_ms']:.1f} | {t['fraction']} | {format_bytes(t['peak'])} | "
+            f"{t['time_ms']:.1f} | {r['peak'] / t['peak']:.3f} | {r['time_ms'] / t['time_ms']:.3f} |"
+        )
+    lowest_torch = min(torch_rows, key=lambda x: x["peak"])
+    feasible = [r for r in memfit_rows if not r.get("infeasible")]
+    if feasible:
+        low = min(feasible, key=lambda r: r["peak"])
+        print(
+            f"\nlowest memfit peak {format_bytes(low['peak'])} ({low['time_ms']:.1f} ms) vs lowest torch peak "
+            f"{format_bytes(lowest_torch['peak'])} at fraction {lowest_torch['fraction']} ({lowest_torch['time_ms']:.1f} ms)"
+        )
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"torch": torch_rows, "memfit": memfit_rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
