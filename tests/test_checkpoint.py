@@ -161,4 +161,4 @@ def test_cli_budget_prints_plan_and_exit_3(capsys):
     budget = int(fake.memory.peak_bytes * 0.8)
     code = main(["analyze", target, "--budget", str(budget)])
     out = capsys.readouterr().out
-    assert code == 0 and "checkpoint plan for a budget of" in out and "recomputed in the backward" in out
+    assert code == 0 and "checkpoint plan aiming at" in out and "recomputed in the backward" in out

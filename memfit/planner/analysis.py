@@ -116,7 +116,7 @@ class StepAnalysis:
         for plan in self.plans:
             lines.append("")
             lines.append(
-                f"checkpoint plan for a budget of {format_bytes(plan.budget)}: predicted peak "
+                f"checkpoint plan aiming at {format_bytes(plan.budget)}: predicted peak "
                 f"{format_bytes(plan.predicted_peak)}, +{plan.recompute_time_s * 1e3:.3f} ms recompute "
                 f"({self.profile.name} roofline), planned in {plan.plan_time_s:.1f} s"
             )
