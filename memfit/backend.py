@@ -40,7 +40,7 @@ from memfit.config import Options, format_bytes, make_options
 from memfit.passes import CantApply
 from memfit.planner.cost import get_profile
 from memfit.planner.analysis import StepAnalysis, analyze_pairs
-from memfit.planner.memory import GraphPair
+from memfit.planner.memory import GraphPair, simulate
 
 
 @dataclass
@@ -133,20 +133,23 @@ class MemfitBackend:
 
         ckpt.prepare(joint)
 
-        def evaluate(saved):
-            fw, bw = ckpt.apply(joint, saved, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static)
-            pair, analysis = analyse(fw, bw)
-            return analysis.memory.peak_bytes, (fw, bw, pair, analysis)
-
         profile = get_profile(self.options.device)
+
+        def evaluate(saved):
+            # a probe needs only the peak; the per-node costs are computed for the chosen plan alone
+            fw, bw = ckpt.apply(joint, saved, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static)
+            pair = GraphPair(fw, bw, num_fwd_outputs)
+            return simulate([pair], granularity=profile.alloc_granularity, fused=self._fused).peak_bytes, (fw, bw)
+
         margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
         target = int(budget * margin)
         try:
-            return planner.plan(
+            plan, (fw, bw) = planner.plan(
                 joint, num_fwd_outputs=num_fwd_outputs, budget=target, profile=profile, evaluate=evaluate
             )
         except planner.Infeasible as e:
             raise BudgetError(e.smallest_peak, budget, margin) from None
+        return plan, (fw, bw, *analyse(fw, bw))
 
     @property
     def _fused(self) -> bool:
