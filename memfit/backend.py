@@ -275,20 +275,24 @@ class MemfitBackend:
                     f"{plan.recompute_time_s * 1e3:.3f} ms ({analysis.profile.name} roofline); planned in "
                     f"{plan.plan_time_s:.2f} s over {plan.probes} probes"
                 )
-            except CantApply as e:
+            except CantApply as e:  # keep the baseline partition made above
                 notes.append(f"checkpoint: not applied: {e.reason}")
                 warnings.warn(f"memfit: checkpoint pass not applied to graph {name}: {e.reason}", stacklevel=2)
-                fw, bw = baseline()
-                pair, analysis = analyse(fw, bw)
         elif budget is not None and "checkpoint" in self._passes:
             notes.append(
                 f"checkpoint: not needed; the {partition_name} partition's predicted peak "
                 f"{format_bytes(analysis.memory.peak_bytes)} is within the budget {format_bytes(budget)}"
             )
         cid = torch._guards.CompileContext.current_compile_id()
-        record = GraphRecord(name, pair, analysis, partition=joint_partitioner, frame=getattr(cid, "frame_id", None))
-        record.plan = plan
-        record.notes.extend(notes)
+        record = GraphRecord(
+            name,
+            pair,
+            analysis,
+            partition="checkpoint" if plan is not None else joint_partitioner,
+            notes=notes,
+            frame=getattr(cid, "frame_id", None),
+            plan=plan,
+        )
         if not self._passes:
             record.notes.append(
                 f"passes={self.options.passes!r}: no memory pass enabled; the graph was partitioned by the "
