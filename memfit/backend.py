@@ -65,17 +65,7 @@ class GraphRecord:
             "analysis": self.analysis.to_json(),
         }
         if self.plan is not None:
-            p = self.plan
-            out["checkpoint_plan"] = {
-                "budget": p.budget,
-                "predicted_peak": p.predicted_peak,
-                "saved_bytes": p.saved_bytes,
-                "recompute_time_s": p.recompute_time_s,
-                "saved": sorted(p.saved),
-                "recomputed": sorted(p.recomputed),
-                "probes": p.probes,
-                "plan_time_s": p.plan_time_s,
-            }
+            out["checkpoint_plan"] = self.plan.to_json()
         return out
 
 

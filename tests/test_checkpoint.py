@@ -162,3 +162,18 @@ def test_cli_budget_prints_plan_and_exit_3(capsys):
     code = main(["analyze", target, "--budget", str(budget)])
     out = capsys.readouterr().out
     assert code == 0 and "checkpoint plan aiming at" in out and "recomputed in the backward" in out
+
+
+def test_report_and_json_carry_the_plan(tmp_path):
+    import json
+
+    model, args, kwargs = _gpt8()
+    base = _baseline_peak(model, args, kwargs)
+    report = tmp_path / "r.json"
+    be = memfit.backend(inner="eager", budget=int(base * 0.7), report=str(report))
+    torch.compile(model, backend=be)(*args).backward()
+    (g,) = json.loads(report.read_text())["graphs"]
+    assert g["partition"] == "checkpoint"
+    plan = g["checkpoint_plan"]
+    assert plan["predicted_peak"] <= plan["budget"] and plan["recomputed"] and plan["saved"]
+    assert set(plan["saved"]) == set(be.records[0].plan.saved)

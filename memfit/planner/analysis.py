@@ -73,17 +73,7 @@ class StepAnalysis:
             ],
             "timeline": [[p.graph, p.node, p.live_bytes, p.after_free] for p in m.timeline],
             "notes": list(self.notes),
-            "checkpoint_plans": [
-                {
-                    "budget": p.budget,
-                    "predicted_peak": p.predicted_peak,
-                    "saved_bytes": p.saved_bytes,
-                    "recompute_time_s": p.recompute_time_s,
-                    "saved": sorted(p.saved),
-                    "recomputed": sorted(p.recomputed),
-                }
-                for p in self.plans
-            ],
+            "checkpoint_plans": [p.to_json() for p in self.plans],
         }
 
     def format(self, top: int = 10, title: str | None = None) -> str:

@@ -52,6 +52,18 @@ class CheckpointPlan:
     probes: int = 0
     plan_time_s: float = 0.0
 
+    def to_json(self) -> dict:
+        return {
+            "budget": self.budget,
+            "predicted_peak": self.predicted_peak,
+            "saved_bytes": self.saved_bytes,
+            "recompute_time_s": self.recompute_time_s,
+            "saved": sorted(self.saved),
+            "recomputed": sorted(self.recomputed),
+            "probes": self.probes,
+            "plan_time_s": self.plan_time_s,
+        }
+
 
 @dataclass
 class Probe:
