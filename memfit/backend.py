@@ -38,7 +38,6 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 
 from memfit.config import Options, format_bytes, make_options
 from memfit.passes import CantApply
-from memfit.planner.cost import get_profile
 from memfit.planner.analysis import StepAnalysis, analyze_pairs
 from memfit.planner.memory import GraphPair, simulate
 
@@ -116,14 +115,12 @@ class MemfitBackend:
 
         return tuple(PASSES) if self.options.passes == "auto" else tuple(self.options.passes)
 
-    def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse):
+    def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse, profile):
         """Plan and carry out a checkpoint plan; returns it with (fw, bw, pair, analysis)."""
         from memfit.passes import checkpoint as ckpt
         from memfit.planner import checkpoint as planner
 
         ckpt.prepare(joint)
-
-        profile = get_profile(self.options.device)
 
         def evaluate(saved):
             # a probe needs only the peak; the per-node costs are computed for the chosen plan alone
@@ -258,7 +255,9 @@ class MemfitBackend:
         budget = self.options.budget
         if budget is not None and analysis.memory.peak_bytes > budget and "checkpoint" in self._passes:
             try:
-                plan, (fw, bw, pair, analysis) = self._plan_checkpoint(joint, num_fwd_outputs, budget, static, analyse)
+                plan, (fw, bw, pair, analysis) = self._plan_checkpoint(
+                    joint, num_fwd_outputs, budget, static, analyse, analysis.profile
+                )
                 notes.append(
                     f"checkpoint: {len(plan.saved)} values saved, {len(plan.recomputed)} recomputed; predicted peak "
                     f"{format_bytes(plan.predicted_peak)} within the budget {format_bytes(budget)}, recompute "

@@ -139,7 +139,7 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     ``target`` is a factory or a target string; ``options`` are backend options (``inner`` picks
     which partition and decompositions the graphs get, ``device`` the cost-model profile).
     """
-    from memfit.backend import MemfitBackend
+    from memfit.backend import BudgetError, MemfitBackend
 
     opts = make_options(options)
     factory = load_factory(target) if isinstance(target, str) else target
@@ -153,12 +153,9 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     try:
         compiled = torch.compile(step, backend=be.analysis_compiler, dynamic=False)
         compiled(args, kwargs)
-    except TargetError:
+    except (TargetError, BudgetError):  # Dynamo passes BudgetError through unwrapped
         raise
     except Exception as e:
-        budget_error = _find_budget_error(e)
-        if budget_error is not None:
-            raise budget_error from None
         raise TargetError(f"tracing the training step failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         torch._dynamo.reset()
@@ -171,16 +168,6 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     for b in analysis.memory.buffers:  # module paths are relative to the _Step wrapper
         b.module = b.module[len("model.") :] if b.module.startswith("model.") else b.module.replace("model", "", 1)
     return analysis
-
-
-def _find_budget_error(e: BaseException):
-    from memfit.backend import BudgetError
-
-    while e is not None:
-        if isinstance(e, BudgetError):
-            return e
-        e = e.__cause__ or getattr(e, "inner_exception", None)
-    return None
 
 
 def _first_line(e: BaseException) -> str:

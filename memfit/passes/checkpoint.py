@@ -19,11 +19,7 @@ import torch.fx
 from torch._functorch import partitioners as P
 
 from memfit.passes import CantApply
-
-
-def is_random(node: torch.fx.Node) -> bool:
-    tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+from memfit.planner.cost import is_random
 
 
 def prepare(joint: torch.fx.GraphModule) -> None:

@@ -36,7 +36,7 @@ import torch.fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from memfit.planner.cost import DeviceProfile, is_view, node_time, tensor_bytes
+from memfit.planner.cost import DeviceProfile, is_random, is_view, node_time, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,6 @@ def _tag(node: torch.fx.Node):
     return node.meta.get("recompute")
 
 
-def _is_random(node: torch.fx.Node) -> bool:
-    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
-
-
 class Problem:
     """The 0-1 program of one joint graph (built once; solved for several limits ``B``)."""
 
@@ -140,8 +136,8 @@ class Problem:
                 self.cost[i] = 0.0
             else:
                 self.cost[i] = node_time(c, profile)
-            random = _is_random(c) or (
-                c.target is operator.getitem and isinstance(c.args[0], torch.fx.Node) and _is_random(c.args[0])
+            random = is_random(c) or (
+                c.target is operator.getitem and isinstance(c.args[0], torch.fx.Node) and is_random(c.args[0])
             )
             if random or _tag(c) in save_tags:
                 r_hi[i] = 0  # random values (and dropout's mask and output) are saved, never replayed
@@ -162,14 +158,8 @@ class Problem:
             lb.append(lower)
             r += 1
 
-        needed = set()
-        for u in list(bw_side) + bw_outputs:
-            for a in u.all_input_nodes if u.op != "output" else []:
-                if a in idx:
-                    needed.add(a)
-        for a in bw_outputs:
-            if a in idx:
-                needed.add(a)
+        needed = {a for u in bw_side for a in u.all_input_nodes if a in idx}
+        needed |= {a for a in bw_outputs if a in idx}
         for a in needed:
             add([(idx[a], 1), (n + idx[a], 1)], 1)  # s + r >= 1
         layer = {c: _layer_of(c) for c in self.cands}

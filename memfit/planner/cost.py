@@ -198,6 +198,11 @@ def is_view(node: torch.fx.Node) -> bool:
     return any(r.alias_info is not None for r in schema.returns)
 
 
+def is_random(node: torch.fx.Node) -> bool:
+    """True for ops that draw random numbers (dropout, rand): they must be saved, never replayed."""
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
 def node_bytes(node: torch.fx.Node) -> int:
     """Bytes a node moves: its tensor inputs read plus its outputs written (views move nothing)."""
     if node.op != "call_function" or is_view(node):

@@ -357,11 +357,12 @@ def _is_pointwise(n: torch.fx.Node) -> bool:
     return t.overloadpacket.__name__ in _CONSTRUCTORS or t.overloadpacket.__name__ in _INDEXING
 
 
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "prod", "argmax", "argmin", "any", "all"}
+
+
 def _is_reduction(n: torch.fx.Node) -> bool:
     t = n.target
-    return isinstance(t, torch._ops.OpOverload) and t.overloadpacket.__name__ in {
-        "sum", "mean", "amax", "amin", "max", "min", "var_mean", "var", "prod", "argmax", "argmin", "any", "all",
-    }
+    return isinstance(t, torch._ops.OpOverload) and t.overloadpacket.__name__ in _REDUCTIONS
 
 
 def fused_away(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
