@@ -55,6 +55,8 @@ class GraphRecord:
     """Dynamo's frame id: a recompile (new shapes, say) of the same code has the same frame."""
     plan: Any = None
     """The checkpoint plan carried out, if any."""
+    fewbit: Any = None
+    """The few-bit plan carried out, if any."""
 
     def to_json(self) -> dict:
         out = {
@@ -65,6 +67,8 @@ class GraphRecord:
         }
         if self.plan is not None:
             out["checkpoint_plan"] = self.plan.to_json()
+        if self.fewbit is not None:
+            out["fewbit_plan"] = self.fewbit.to_json()
         return out
 
 
@@ -111,9 +115,22 @@ class MemfitBackend:
     @property
     def _passes(self) -> tuple[str, ...]:
         """The passes this backend may run: the named ones, or every registered one for "auto"."""
-        from memfit.passes import PASSES
+        from memfit.passes import APPROXIMATE, PASSES
 
-        return tuple(PASSES) if self.options.passes == "auto" else tuple(self.options.passes)
+        if self.options.passes == "auto":  # exact passes only: approximation must be asked for by name
+            return tuple(p for p in PASSES if p not in APPROXIMATE)
+        return tuple(self.options.passes)
+
+    def _decompositions(self) -> dict:
+        """Inductor's decomposition table, less the derivative ops the few-bit pass rewrites (when on)."""
+        from torch._inductor.decomposition import select_decomp_table
+
+        table = select_decomp_table()
+        if "fewbit" in self._passes:
+            from memfit.passes.fewbit import HELD_BACK
+
+            table = {k: v for k, v in table.items() if k not in HELD_BACK}
+        return table
 
     def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse, profile):
         """Plan and carry out a checkpoint plan; returns it with (fw, bw, pair, analysis)."""
@@ -177,10 +194,8 @@ class MemfitBackend:
         self._note_inputs(example_inputs)
         if self.options.inner == "eager":
             return self._compile_eager(gm, example_inputs)
-        from torch._inductor.decomposition import select_decomp_table
-
         return self._compile_eager(
-            gm, example_inputs, joint_partitioner="mincut", decompositions=select_decomp_table(), joint_passes=True
+            gm, example_inputs, joint_partitioner="mincut", decompositions=self._decompositions(), joint_passes=True
         )
 
     def step_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
@@ -211,6 +226,7 @@ class MemfitBackend:
                 gm,
                 example_inputs,
                 config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
+                decompositions=self._decompositions() if "fewbit" in self._passes else None,
             )
 
     # -- partition: where the plan is carried out ---------------------------------------------
@@ -247,11 +263,23 @@ class MemfitBackend:
             pair = GraphPair(fw, bw, num_fwd_outputs, name, params)
             return pair, analyze_pairs([pair], device=self.options.device, fused=self._fused)
 
+        notes: list[str] = []
+        rewritable = None
+        if "fewbit" in self._passes:
+            from memfit.passes import fewbit as fewbit_pass
+
+            rewritable = fewbit_pass.clone(joint)
+            if joint_partitioner == "mincut":  # what Inductor would have decomposed while tracing
+                fewbit_pass.decompose(joint, fewbit_pass.HELD_BACK)
         fw, bw = baseline()
         pair, analysis = analyse(fw, bw)
         partition_name = "min-cut" if joint_partitioner == "mincut" else "default"
-        notes: list[str] = []
         plan = None
+        fewbit_plan = None
+        if rewritable is not None:
+            chosen = self._fewbit(rewritable, bw, analysis, num_fwd_outputs, static, analyse, notes)
+            if chosen is not None:
+                joint, fewbit_plan, (fw, bw, pair, analysis) = chosen
         budget = self.options.budget
         if budget is not None and analysis.memory.peak_bytes > budget and "checkpoint" in self._passes:
             try:
@@ -277,10 +305,11 @@ class MemfitBackend:
             name,
             pair,
             analysis,
-            partition="checkpoint" if plan is not None else joint_partitioner,
+            partition="checkpoint" if plan is not None else ("fewbit" if fewbit_plan is not None else joint_partitioner),
             notes=notes,
             frame=getattr(cid, "frame_id", None),
             plan=plan,
+            fewbit=fewbit_plan,
         )
         if not self._passes:
             record.notes.append(
@@ -291,6 +320,62 @@ class MemfitBackend:
         self.records.append(record)
         self._write_report()
         return fw, bw
+
+    def _fewbit(self, rewritable, baseline_bw, baseline, num_fwd_outputs, static, analyse, notes):
+        """Plan and carry out the few-bit rewrite on ``rewritable`` (a copy of the joint graph); keep it
+        only if the memory model predicts a lower peak than the baseline partition's.
+
+        Returns (joint, plan, (fw, bw, pair, analysis)) or None (the reasons are in ``notes``)."""
+        from memfit.passes import checkpoint as ckpt
+        from memfit.passes import fewbit as fewbit_pass
+        from memfit.planner import fewbit as fewbit_planner
+
+        plan = fewbit_planner.plan(rewritable, self.options.fewbit_bits, self.options.fewbit_calibration)
+        for node, reason in plan.skipped:
+            notes.append(f"fewbit: {node} left exact: {reason}")
+        if not plan.sites:
+            notes.append("fewbit: no activation derivative to rewrite in this graph")
+            return None
+        try:
+            codes_of = fewbit_pass.apply(rewritable, plan)
+            fewbit_pass.decompose(rewritable, fewbit_pass.HELD_BACK if self._fused else ())
+            if self._fused and torch._functorch.config.cse:
+                # The min-cut partitioner merges common subexpressions before choosing (the layer-norm
+                # backward's recomputed mean and rstd become the forward's); its saved values name
+                # nodes of that graph. Without the same merge here the backward would recompute whole
+                # layers (seen: two addmm and two var_mean per GPT block) to rebuild the duplicates.
+                from torch._functorch.compile_utils import fx_graph_cse
+
+                rewritable.graph = fx_graph_cse(rewritable.graph)
+                rewritable.recompile()
+            saved = fewbit_pass.saved_after(rewritable, fewbit_pass.saved_names(baseline_bw), codes_of)
+            fw, bw = ckpt.apply(rewritable, saved, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static)
+        except CantApply as e:
+            notes.append(f"fewbit: not applied: {e.reason}")
+            warnings.warn(f"memfit: few-bit pass not applied: {e.reason}", stacklevel=3)
+            return None
+        pair, analysis = analyse(fw, bw)
+        before, after = baseline.memory.peak_bytes, analysis.memory.peak_bytes
+        dropped = [s for s in plan.sites if s.saved not in saved]
+        if after >= before:
+            notes.append(
+                f"fewbit: not applied: predicted peak {format_bytes(after)} with {len(plan.sites)} activation(s) coded, "
+                f"{format_bytes(before)} without; the partition already saves only what the codes would replace "
+                f"({len(dropped)} of {len(plan.sites)} saved inputs could be dropped)"
+            )
+            return None
+        notes.append(
+            f"fewbit: {len(plan.sites)} activation derivative(s) at {plan.bits} bits (approximate gradients), "
+            f"{len(dropped)} saved input(s) replaced by codes; predicted peak {format_bytes(before)} -> "
+            f"{format_bytes(after)}"
+        )
+        for site in plan.sites:
+            kept = "" if site in dropped else " (its input stays saved: the backward still reads it)"
+            notes.append(
+                f"fewbit: {site.kind} at {site.source or site.backward}: saved {format_bytes(site.saved_bytes)} -> codes "
+                f"{format_bytes(site.code_bytes)}, relative gradient error {100 * site.rel_error:.1f}%{kept}"
+            )
+        return rewritable, plan, (fw, bw, pair, analysis)
 
     def _check_budget(self, record: GraphRecord) -> None:
         budget = self.options.budget
@@ -307,7 +392,10 @@ class MemfitBackend:
     # -- report ------------------------------------------------------------------------------
     def report(self) -> dict:
         return {
-            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.__dict__.items()},
+            "options": {
+                k: (list(v) if isinstance(v, tuple) else v if k != "fewbit_calibration" else v is not None)
+                for k, v in self.options.__dict__.items()
+            },
             "inference_graphs": self.inference_graphs,
             "graphs": [r.to_json() for r in self.records],
         }

@@ -98,6 +98,14 @@ class Options:
     report: str | None = None
     """Path of a JSON report of every graph compiled and every decision; ``None``: no file."""
 
+    fewbit_bits: int = 2
+    """Bits per element of the few-bit activation codes (1..4), when ``"fewbit"`` is among the
+    passes. The few-bit pass is approximate, so it runs only when named; ``"auto"`` never picks it."""
+
+    fewbit_calibration: Any = None
+    """A ``memfit.fewbit.calibrate(...)`` result: weight the few-bit tables by the measured inputs of
+    each activation kind instead of a standard normal."""
+
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 
@@ -153,4 +161,25 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
         raise ValueError(f"report={report!r} must be a file path or None")
     report = None if report is None else str(report)
 
-    return Options(budget=budget, passes=passes, device=device, inner=inner, report=report)
+    bits = merged.get("fewbit_bits", 2)
+    if isinstance(bits, bool) or bits not in (1, 2, 3, 4):
+        raise ValueError(f"fewbit_bits={bits!r} is not supported; accepted: 1, 2, 3, 4")
+    calibration = merged.get("fewbit_calibration")
+    if calibration is not None:
+        from memfit.planner.fewbit import Calibration
+
+        if not isinstance(calibration, Calibration):
+            raise ValueError(
+                f"fewbit_calibration={type(calibration).__name__} is not a calibration; build one with "
+                "memfit.fewbit.calibrate(fn, *args)"
+            )
+
+    return Options(
+        budget=budget,
+        passes=passes,
+        device=device,
+        inner=inner,
+        report=report,
+        fewbit_bits=int(bits),
+        fewbit_calibration=calibration,
+    )

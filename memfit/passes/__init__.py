@@ -17,6 +17,10 @@ class CantApply(Exception):
 
 PASSES: dict[str, str] = {
     "checkpoint": "memfit.passes.checkpoint",  # save or recompute each forward value (exact)
+    "fewbit": "memfit.passes.fewbit",  # few-bit activation derivatives (approximate: only when named)
 }
 
-__all__ = ["PASSES", "CantApply"]
+#: Passes that change gradients; ``passes="auto"`` never runs them.
+APPROXIMATE = frozenset({"fewbit"})
+
+__all__ = ["APPROXIMATE", "PASSES", "CantApply"]
