@@ -3,6 +3,7 @@
     memfit analyze examples/gpt.py [--json out.json] [--device h100] [--inner eager]
 
     memfit analyze --budget 2GiB examples/gpt.py   # plan activation checkpointing to fit 2 GiB
+    memfit analyze --passes fewbit --fewbit-bits 2 examples/gpt.py   # few-bit activation gradients
 
 Exit codes: 0 done; 2 bad input (missing file, no factory, the factory or the trace fails), with a
 one-line reason on stderr and no traceback unless ``--debug``; 3 no plan fits the budget (the
@@ -49,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="peak the step may use above resident memory (e.g. 2GiB); plans activation checkpointing to fit",
     )
+    a.add_argument(
+        "--passes",
+        default="auto",
+        metavar="LIST",
+        help="comma-separated passes (checkpoint, fewbit) or 'auto' (exact passes only; default)",
+    )
+    a.add_argument(
+        "--fewbit-bits",
+        type=int,
+        default=2,
+        metavar="N",
+        help="bits per element of few-bit activation codes, 1-4 (with --passes fewbit; default: 2)",
+    )
     a.add_argument("--top", type=int, default=10, metavar="N", help="how many saved values to list (default: 10)")
     a.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -62,7 +76,14 @@ def _analyze(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if not args.debug:
             warnings.simplefilter("ignore")
-        analysis = analyze(args.target, inner=args.inner, device=args.device, budget=args.budget)
+        analysis = analyze(
+            args.target,
+            inner=args.inner,
+            device=args.device,
+            budget=args.budget,
+            passes=args.passes,
+            fewbit_bits=args.fewbit_bits,
+        )
     elapsed = time.perf_counter() - t0
     print(analysis.format(top=args.top, title=f"memfit analyze {args.target}  ({args.inner} graphs, {elapsed:.1f} s)"))
     if args.json:

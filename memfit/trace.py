@@ -163,8 +163,10 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
         raise TargetError("no training graph was produced (does the loss depend on the parameters?)")
     analysis = be.step_analysis(param_bytes=param_bytes)
     analysis.plans = [r.plan for r in be.records if r.plan is not None]
+    analysis.fewbit_plans = [r.fewbit for r in be.records if r.fewbit is not None]
     for r in be.records:
-        analysis.notes.extend(n for n in r.notes if n.startswith("checkpoint"))
+        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ")))
+        analysis.notes.extend(n for n in r.notes if " left exact: " in n)
     for b in analysis.memory.buffers:  # module paths are relative to the _Step wrapper
         b.module = b.module[len("model.") :] if b.module.startswith("model.") else b.module.replace("model", "", 1)
     return analysis

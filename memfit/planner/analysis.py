@@ -33,6 +33,8 @@ class StepAnalysis:
     notes: list[str] = field(default_factory=list)
     plans: list = field(default_factory=list)
     """Checkpoint plans carried out in these graphs (memfit.planner.checkpoint.CheckpointPlan)."""
+    fewbit_plans: list = field(default_factory=list)
+    """Few-bit plans carried out in these graphs (memfit.planner.fewbit.FewbitPlan)."""
 
     @property
     def flops(self) -> int:
@@ -74,6 +76,7 @@ class StepAnalysis:
             "timeline": [[p.graph, p.node, p.live_bytes, p.after_free] for p in m.timeline],
             "notes": list(self.notes),
             "checkpoint_plans": [p.to_json() for p in self.plans],
+            "fewbit_plans": [p.to_json() for p in self.fewbit_plans],
         }
 
     def format(self, top: int = 10, title: str | None = None) -> str:
@@ -112,6 +115,18 @@ class StepAnalysis:
             )
             lines.append(f"  saved ({len(plan.saved)}, {format_bytes(plan.saved_bytes)}): {_names(plan.saved)}")
             lines.append(f"  recomputed in the backward ({len(plan.recomputed)}): {_names(plan.recomputed)}")
+        for fb in self.fewbit_plans:
+            lines.append("")
+            lines.append(
+                f"few-bit plan ({fb.bits} bits, approximate gradients{', calibrated' if fb.calibrated else ''}): "
+                f"{len(fb.sites)} activation(s), {format_bytes(fb.bytes_saved)} less saved"
+            )
+            for site in fb.sites:
+                where = " ".join(x for x in (site.module, site.source) if x) or site.backward
+                lines.append(
+                    f"  {site.kind:<10} {format_bytes(site.saved_bytes):>11} -> {format_bytes(site.code_bytes):>11}  "
+                    f"grad error {100 * site.rel_error:4.1f}%  {where}"
+                )
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
