@@ -6,6 +6,7 @@ Public API::
     torch.compile(model, backend=memfit.backend(budget="6GiB", inner="eager"))
     memfit.measure(step)                 # measured peak bytes and wall time of one step
     memfit.analyze(factory)              # the memory model of a model's step, on fake tensors
+    memfit.calibrate_fewbit(model, x)    # measured activation inputs, for few-bit tables
 """
 
 from memfit.backend import MemfitBackend, backend
@@ -15,11 +16,21 @@ from memfit.trace import analyze
 
 __version__ = "0.1.0"
 
+
+def calibrate_fewbit(fn, *args, **kwargs):
+    """Histogram the inputs of every activation ``fn(*args, **kwargs)`` runs (eagerly, no grad); pass the
+    result as ``fewbit_calibration=`` to weight the few-bit tables by it. See
+    :func:`memfit.passes.fewbit.calibrate`."""
+    from memfit.passes.fewbit import calibrate
+
+    return calibrate(fn, *args, **kwargs)
+
 __all__ = [
     "MemfitBackend",
     "Measurement",
     "Options",
     "analyze",
+    "calibrate_fewbit",
     "backend",
     "format_bytes",
     "make_options",

@@ -103,7 +103,7 @@ class Options:
     passes. The few-bit pass is approximate, so it runs only when named; ``"auto"`` never picks it."""
 
     fewbit_calibration: Any = None
-    """A ``memfit.fewbit.calibrate(...)`` result: weight the few-bit tables by the measured inputs of
+    """A ``memfit.calibrate_fewbit(...)`` result: weight the few-bit tables by the measured inputs of
     each activation kind instead of a standard normal."""
 
 
@@ -171,7 +171,7 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
         if not isinstance(calibration, Calibration):
             raise ValueError(
                 f"fewbit_calibration={type(calibration).__name__} is not a calibration; build one with "
-                "memfit.fewbit.calibrate(fn, *args)"
+                "memfit.calibrate_fewbit(fn, *args)"
             )
 
     return Options(

@@ -262,12 +262,10 @@ def test_bad_bits_option():
 
 
 def test_calibration_weights_the_tables():
-    from memfit.passes.fewbit import calibrate
-
     torch.manual_seed(0)
     model = MLP(F.silu)
     x = torch.randn(256, 16) * 3 + 2
-    calib = calibrate(model, x)
+    calib = memfit.calibrate_fewbit(model, x)
     assert isinstance(calib, Calibration) and calib.get("silu") is not None
     assert sum(calib.get("silu").counts) == 256 * 32
     be = memfit.backend(passes=["fewbit"], inner="eager", fewbit_calibration=calib)

@@ -153,7 +153,7 @@ class FewbitPlan:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured input histograms per activation kind (from ``memfit.passes.fewbit.calibrate``)."""
+    """Measured input histograms per activation kind (from ``memfit.calibrate_fewbit``)."""
 
     histograms: tuple[tuple[str, tables.Histogram], ...]
 
