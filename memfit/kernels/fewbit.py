@@ -43,8 +43,8 @@ def packed_numel(numel: int, bits: int) -> int:
 def _check_bits(bits: int, n_table: int, what: str) -> None:
     if bits not in (1, 2, 3, 4):
         raise ValueError(f"few-bit codes are 1 to 4 bits wide, got bits={bits}")
-    if n_table != (2**bits - 1 if what == "boundaries" else 2**bits):
-        want = 2**bits - 1 if what == "boundaries" else 2**bits
+    want = 2**bits - 1 if what == "boundaries" else 2**bits
+    if n_table != want:
         raise ValueError(f"{bits}-bit codes need {want} {what}, got {n_table}")
 
 
@@ -201,9 +201,7 @@ def grad_triton(grad: torch.Tensor, codes: torch.Tensor, levels: Sequence[float]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda":
-        return False
-    return True
+    return t.device.type == "cuda"
 
 
 # -- custom ops (what the graphs call) -----------------------------------------------------------------

@@ -52,12 +52,17 @@ def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
-def _set_meta(node: torch.fx.Node, val: Any, like: torch.fx.Node) -> None:
-    from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
+def _copy_provenance(node: torch.fx.Node, like: torch.fx.Node) -> None:
+    """Source line, module path and partitioner tag of ``like`` (what reports and partitioners read)."""
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "partitioner_tag"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
+
+
+def _set_meta(node: torch.fx.Node, val: Any, like: torch.fx.Node) -> None:
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    _copy_provenance(node, like)
     node.meta["val"] = val
     node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
@@ -127,9 +132,7 @@ def decompose(gm: torch.fx.GraphModule, targets: Iterable[Any], table: dict | No
                 with gm.graph.inserting_before(node):
                     new = gm.graph.node_copy(sn, lambda a: env[a])
                 val = sn.meta.get("val")
-                for key in ("stack_trace", "nn_module_stack", "seq_nr", "partitioner_tag"):
-                    if key in node.meta:
-                        new.meta[key] = node.meta[key]
+                _copy_provenance(new, node)
                 if isinstance(val, torch.Tensor):
                     _set_meta(new, val, node)
                 env[sn] = new
