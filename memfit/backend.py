@@ -57,6 +57,8 @@ class GraphRecord:
     """The checkpoint plan carried out, if any."""
     fewbit: Any = None
     """The few-bit plan carried out, if any."""
+    split: Any = None
+    """The split-backward plan carried out, if any."""
 
     def to_json(self) -> dict:
         out = {
@@ -69,6 +71,8 @@ class GraphRecord:
             out["checkpoint_plan"] = self.plan.to_json()
         if self.fewbit is not None:
             out["fewbit_plan"] = self.fewbit.to_json()
+        if self.split is not None:
+            out["split_backward_plan"] = self.split.to_json()
         return out
 
 
@@ -115,10 +119,10 @@ class MemfitBackend:
     @property
     def _passes(self) -> tuple[str, ...]:
         """The passes this backend may run: the named ones, or every registered one for "auto"."""
-        from memfit.passes import APPROXIMATE, PASSES
+        from memfit.passes import APPROXIMATE, OPT_IN, PASSES
 
-        if self.options.passes == "auto":  # exact passes only: approximation must be asked for by name
-            return tuple(p for p in PASSES if p not in APPROXIMATE)
+        if self.options.passes == "auto":  # approximation, and deferred weight gradients, must be asked for by name
+            return tuple(p for p in PASSES if p not in APPROXIMATE and p not in OPT_IN)
         return tuple(self.options.passes)
 
     def _decompositions(self) -> dict:
@@ -174,7 +178,7 @@ class MemfitBackend:
 
         return aot_autograd(
             fw_compiler=_boxed_eager,
-            bw_compiler=_boxed_eager,
+            bw_compiler=functools.partial(_compile_backward, compile_one=lambda g, ex, **kw: _boxed_eager(g, ex)),
             inference_compiler=_boxed_eager,
             partition_fn=functools.partial(
                 self.partition, joint_partitioner=joint_partitioner, joint_passes=joint_passes
@@ -227,6 +231,7 @@ class MemfitBackend:
                 example_inputs,
                 config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
                 decompositions=self._decompositions() if "fewbit" in self._passes else None,
+                inner_compile=_inductor_inner_compile,
             )
 
     # -- partition: where the plan is carried out ---------------------------------------------
@@ -300,6 +305,14 @@ class MemfitBackend:
                 f"checkpoint: not needed; the {partition_name} partition's predicted peak "
                 f"{format_bytes(analysis.memory.peak_bytes)} is within the budget {format_bytes(budget)}"
             )
+        split_plan = None
+        if "split_backward" in self._passes:
+            from torch._functorch.partitioners import _is_primal
+
+            primal_names = [n.name for n in joint.graph.nodes if _is_primal(n)]
+            split_plan = self._split(fw, bw, num_fwd_outputs, primal_names, params, name, notes)
+            if split_plan is not None:
+                pair, analysis = analyse(fw, bw)
         cid = torch._guards.CompileContext.current_compile_id()
         record = GraphRecord(
             name,
@@ -310,6 +323,7 @@ class MemfitBackend:
             frame=getattr(cid, "frame_id", None),
             plan=plan,
             fewbit=fewbit_plan,
+            split=split_plan,
         )
         if not self._passes:
             record.notes.append(
@@ -377,6 +391,36 @@ class MemfitBackend:
             )
         return rewritable, plan, (fw, bw, pair, analysis)
 
+    def _split(self, fw, bw, num_fwd_outputs, primal_names, params, name, notes):
+        """Plan and carry out the split of ``bw`` into B and W (stashed on ``bw.meta`` for the backward
+        compiler); returns the plan, or None with the reason in ``notes``."""
+        from memfit.passes import split_backward as split_pass
+        from memfit.planner import split_backward as split_planner
+
+        try:
+            if params is None:
+                raise CantApply("which inputs of the graph are parameters is unknown (the graph was not traced by Dynamo)")
+            n_out = len(split_pass._output_node(bw).args[0])
+            if n_out != len(primal_names):
+                raise CantApply(f"the backward returns {n_out} values for {len(primal_names)} inputs")
+            holders = split_pass.ensure_params(
+                fw, bw, num_fwd_outputs=num_fwd_outputs, primals=primal_names, params=params
+            )
+            resident = {p for p, is_param in zip(primal_names, params) if is_param}
+            plan = split_planner.plan(bw, set(holders), holders, resident=resident)
+            b, w = split_pass.apply(bw, plan)
+        except (CantApply, split_planner.NothingToSplit) as e:
+            reason = getattr(e, "reason", str(e))
+            notes.append(f"split_backward: not applied: {reason}")
+            if isinstance(e, CantApply):
+                warnings.warn(f"memfit: split backward not applied to graph {name}: {reason}", stacklevel=3)
+            return None
+        bw.meta["memfit_split"] = (name, plan, b, w)
+        notes.append(plan.describe())
+        for op, why in plan.kept_whole:
+            notes.append(f"split_backward: {op} kept as one call in B: {why}")
+        return plan
+
     def _check_budget(self, record: GraphRecord) -> None:
         budget = self.options.budget
         peak = record.analysis.memory.peak_bytes
@@ -418,6 +462,41 @@ def _boxed_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Cal
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+def _compile_backward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compile_one: Callable, **kwargs):
+    """Compile a backward graph; a split one (see ``MemfitBackend._split``) becomes B and W, each
+    compiled by ``compile_one``, behind one boxed callable that runs B and queues W."""
+    split = gm.meta.get("memfit_split")
+    if split is None:
+        return compile_one(gm, example_inputs, **kwargs)
+    from memfit.runtime import SplitBackward
+
+    name, plan, b, w = split
+    b_ph = [n.name for n in b.graph.nodes if n.op == "placeholder"]
+    w_examples = [n.meta.get("val") for n in w.graph.nodes if n.op == "placeholder"]
+    run_b = compile_one(b, example_inputs, **kwargs)
+    w_kwargs = dict(kwargs)
+    if "static_input_idxs" in w_kwargs:
+        w_kwargs["static_input_idxs"] = []
+    run_w = compile_one(w, w_examples, **w_kwargs)
+    n_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
+    return SplitBackward(name, plan, run_b, run_w, n_outputs, tuple(b_ph.index(p) for p in plan.weight_params))
+
+
+def _inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """Inductor's ``compile_fx_inner``, with split backwards compiled as B and W."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    if not kwargs.get("is_backward") or "memfit_split" not in gm.meta:
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    def one(g, ex, **kw):
+        out = next(n for n in reversed(g.graph.nodes) if n.op == "output")
+        out.meta["user_visible_output_idxs"] = []
+        return compile_fx_inner(g, ex, **kw)
+
+    return _compile_backward(gm, example_inputs, compile_one=one, **kwargs)
 
 
 try:

@@ -18,9 +18,14 @@ class CantApply(Exception):
 PASSES: dict[str, str] = {
     "checkpoint": "memfit.passes.checkpoint",  # save or recompute each forward value (exact)
     "fewbit": "memfit.passes.fewbit",  # few-bit activation derivatives (approximate: only when named)
+    "split_backward": "memfit.passes.split_backward",  # backward as B (input grads) + queued W (weight grads)
 }
 
 #: Passes that change gradients; ``passes="auto"`` never runs them.
 APPROXIMATE = frozenset({"fewbit"})
 
-__all__ = ["APPROXIMATE", "PASSES", "CantApply"]
+#: Exact passes that change *when* gradients arrive (W is queued until run): only when named, or
+#: by the pipeline-stage adapter (``memfit.pipelining``); ``passes="auto"`` never runs them.
+OPT_IN = frozenset({"split_backward"})
+
+__all__ = ["APPROXIMATE", "OPT_IN", "PASSES", "CantApply"]

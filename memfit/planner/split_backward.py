@@ -1,0 +1,269 @@
+"""Plan the split of a backward graph into B (input gradients) and W (weight gradients).
+
+Zero-bubble pipeline schedules run each stage's backward in two parts: B, which the previous stage
+waits for, and W, which can run later to fill a bubble. What W needs from B (or from the saved
+activations) must stay alive until W runs; everything else is freed after B. So the split has two
+goals that pull apart: put as much *work* in W as possible (that is what fills bubbles) while
+holding as few *bytes* between B and W as possible.
+
+The plan settles it in two steps:
+
+1. **What must be in B**: every node the input gradients depend on (their backward slice).
+2. **Where the rest goes**: weight-gradient work the FLOP counter counts — matmuls and
+   convolutions, the work worth moving into a bubble (a linear layer's ``dW = dYᵀ X`` is a third
+   of its FLOPs; a transformer block's weight GEMMs are ~45% of its backward) — is pinned to W. Everything else
+   (bias sums, norm-weight reductions, casts, views) goes wherever the **minimum cut** on bytes
+   held between B and W puts it. So a layer norm's ``dγ = Σ dY·x̂`` is computed in B and only the
+   [hidden] result is handed over, instead of holding dY and x̂ ([tokens, hidden] each); a bias
+   gradient likewise.
+
+Ops that compute both kinds of gradient in one call (``native_layer_norm_backward``,
+``convolution_backward``, the group/batch-norm backwards; ``output_mask`` selects the outputs) are
+split into two calls with disjoint masks *only where the weight half then lands in W*: a
+convolution's weight gradient is a matmul-class op (pinned to W); a norm's is a reduction the cut
+keeps in B, so the fused call is kept whole (one kernel, nothing extra held).
+
+Parameters handed to W cost nothing (they are resident); saved activations and B's intermediates
+cost their bytes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import flop_registry
+
+from memfit.config import format_bytes
+from memfit.planner.cost import node_flops, node_vals, tensor_bytes
+
+#: Ops that return input and weight gradients together, and the output index of the input gradient.
+MIXED_OPS = {
+    torch.ops.aten.native_layer_norm_backward.default: 0,
+    torch.ops.aten.convolution_backward.default: 0,
+    torch.ops.aten.native_group_norm_backward.default: 0,
+    torch.ops.aten.native_batch_norm_backward.default: 0,
+}
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which backward outputs and nodes run in W, and what B hands to W.
+
+    Positions index the backward graph's outputs (one per forward input, in order)."""
+
+    input_outputs: tuple[int, ...]
+    """Outputs computed in B: gradients of the graph's non-parameter inputs."""
+    weight_outputs: tuple[int, ...]
+    """Outputs computed in W: gradients of parameters (in the order W returns them)."""
+    weight_params: tuple[str, ...]
+    """For each weight output, the backward placeholder holding that parameter (W accumulates into
+    its ``.grad``)."""
+    w_nodes: frozenset[str]
+    """Nodes computed in W."""
+    handoff: tuple[str, ...]
+    """Values B hands to W, in B's output order after the input gradients."""
+    held_bytes: int
+    """Bytes held between B and W (the handoff, less the parameters among it: those are resident)."""
+    b_flops: int
+    w_flops: int
+    split_ops: tuple[str, ...] = ()
+    """Mixed ops split by output mask (the weight half runs in W)."""
+    kept_whole: tuple[tuple[str, str], ...] = ()
+    """Mixed ops left as one call in B, with the reason."""
+
+    @property
+    def w_share(self) -> float:
+        """W's share of the backward's FLOPs (what can move into a bubble)."""
+        total = self.b_flops + self.w_flops
+        return self.w_flops / total if total else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"split backward: {len(self.weight_outputs)} weight gradient(s) deferred to W "
+            f"({100 * self.w_share:.0f}% of the backward's FLOPs), {len(self.input_outputs)} input gradient(s) in B; "
+            f"{len(self.handoff)} value(s) held between B and W, {format_bytes(self.held_bytes)}"
+            + (f"; split by output mask: {', '.join(self.split_ops)}" if self.split_ops else "")
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "input_outputs": list(self.input_outputs),
+            "weight_outputs": list(self.weight_outputs),
+            "weight_params": list(self.weight_params),
+            "handoff": list(self.handoff),
+            "held_bytes": self.held_bytes,
+            "b_flops": self.b_flops,
+            "w_flops": self.w_flops,
+            "w_share": self.w_share,
+            "split_ops": list(self.split_ops),
+            "kept_whole": [list(k) for k in self.kept_whole],
+        }
+
+
+class NothingToSplit(Exception):
+    """The backward has no weight gradient to defer; the reason says why."""
+
+
+def _outputs(bw: torch.fx.GraphModule) -> list:
+    return list(next(n for n in reversed(bw.graph.nodes) if n.op == "output").args[0])
+
+
+def _ancestors(roots) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [r for r in roots if isinstance(r, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _value_bytes(n: torch.fx.Node) -> float:
+    """Bytes of the value a node produces; a tuple (multi-output op) cannot be handed over itself."""
+    val = n.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return _INF
+    return float(sum(tensor_bytes(v) for v in node_vals(n)))
+
+
+def is_matmul_class(n: torch.fx.Node) -> bool:
+    """Ops the FLOP counter has a formula for (mm, bmm, addmm, convolution, attention...)."""
+    return n.op == "call_function" and getattr(n.target, "overloadpacket", None) in flop_registry
+
+
+def split_mixed_ops(bw: torch.fx.GraphModule, b_roots: list) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """Split every mixed op whose input gradient B needs and whose weight outputs B does not into
+    two calls with disjoint ``output_mask`` (in place). Returns (B half, W half) pairs."""
+    needed = _ancestors(b_roots)
+    pairs = []
+    for n in list(bw.graph.nodes):
+        if n.op != "call_function" or n.target not in MIXED_OPS:
+            continue
+        mask = n.args[-1]
+        idx = MIXED_OPS[n.target]
+        if not isinstance(mask, (list, tuple)) or not mask[idx] or not any(m for i, m in enumerate(mask) if i != idx):
+            continue
+        getitems = [u for u in n.users if u.target is operator.getitem]
+        if len(getitems) != len(n.users):
+            continue
+        # only worth splitting if some weight output is not itself needed by B
+        if all(u in needed for u in getitems if u.args[1] != idx):
+            continue
+        with bw.graph.inserting_after(n):
+            w_half = bw.graph.call_function(
+                n.target, (*n.args[:-1], [m and i != idx for i, m in enumerate(mask)]), dict(n.kwargs)
+            )
+        w_half.meta = dict(n.meta)
+        w_half.meta["val"] = tuple(v if i != idx else None for i, v in enumerate(n.meta["val"]))
+        n.args = (*n.args[:-1], [i == idx for i in range(len(mask))])
+        n.meta = dict(n.meta)
+        n.meta["val"] = tuple(v if i == idx else None for i, v in enumerate(n.meta["val"]))
+        for u in getitems:
+            if u.args[1] != idx:
+                u.args = (w_half, u.args[1])
+        pairs.append((n, w_half))
+    return pairs
+
+
+def merge_mixed_op(bw: torch.fx.GraphModule, b_half: torch.fx.Node, w_half: torch.fx.Node) -> None:
+    """Undo :func:`split_mixed_ops` for one op (its weight half landed in B: one call is cheaper)."""
+    b_mask, w_mask = b_half.args[-1], w_half.args[-1]
+    b_half.args = (*b_half.args[:-1], [a or b for a, b in zip(b_mask, w_mask)])
+    b_half.meta["val"] = tuple(a if a is not None else b for a, b in zip(b_half.meta["val"], w_half.meta["val"]))
+    for u in list(w_half.users):
+        u.args = (b_half, u.args[1])
+    bw.graph.erase_node(w_half)
+
+
+def plan(
+    bw: torch.fx.GraphModule,
+    param_outputs: set[int],
+    param_placeholders: dict[int, str],
+    *,
+    resident: set[str] = frozenset(),
+) -> SplitPlan:
+    """Plan the split of ``bw`` (modified in place only to split mixed ops by output mask).
+
+    ``param_outputs``: positions of the backward outputs that are parameter gradients;
+    ``param_placeholders``: for each of them, the name of the backward placeholder that holds the
+    parameter (see :func:`memfit.passes.split_backward.ensure_params`); ``resident``: placeholder
+    names that cost nothing to hold (parameters, buffers)."""
+    import networkx as nx
+
+    outs = _outputs(bw)
+    w_pos = tuple(i for i, o in enumerate(outs) if i in param_outputs and isinstance(o, torch.fx.Node))
+    b_pos = tuple(i for i, o in enumerate(outs) if i not in param_outputs and isinstance(o, torch.fx.Node))
+    if not w_pos:
+        raise NothingToSplit("the backward computes no parameter gradient (no parameter of this graph requires grad)")
+    b_roots = [outs[i] for i in b_pos]
+    pairs = split_mixed_ops(bw, b_roots)
+    b_required = _ancestors(b_roots)
+    w_needed = _ancestors(outs[i] for i in w_pos)
+    candidates = [n for n in bw.graph.nodes if n in w_needed and n not in b_required and n.op == "call_function"]
+
+    # Minimum cut. (n, "in") on the source side: n is computed in B (placeholders and what the input
+    # gradients need are tied there); on the sink side: in W (matmul-class candidates are tied
+    # there). (n, "out") on the sink side: n is available in W. The edge in -> out has capacity =
+    # bytes of n's value, so a value computed in B and available in W (handed over) costs its bytes.
+    g = nx.DiGraph()
+    src, sink = "SOURCE", "SINK"
+    cand = set(candidates)
+    for n in bw.graph.nodes:
+        if n.op == "output":
+            continue
+        if n not in cand and n not in b_required and n.op != "placeholder":
+            continue  # dead or unrelated
+        cap = 0.0 if n.op == "placeholder" and n.name in resident else _value_bytes(n)
+        g.add_edge((n, "in"), (n, "out"), capacity=cap)
+        g.add_edge((n, "out"), (n, "in"), capacity=_INF)
+        if n not in cand:
+            g.add_edge(src, (n, "in"), capacity=_INF)
+        elif is_matmul_class(n):
+            g.add_edge((n, "in"), sink, capacity=_INF)
+        for a in n.all_input_nodes:
+            g.add_edge((a, "out"), (n, "in"), capacity=_INF)  # n in W needs a available in W
+            g.add_edge((n, "in"), (a, "in"), capacity=_INF)  # n in B needs a computed in B
+    for i in w_pos:  # what W returns must reach the sink side (computed in W or handed over)
+        g.add_edge((outs[i], "out"), sink, capacity=_INF)
+    if sink not in g:
+        g.add_node(sink)
+    _, (s_side, _t) = nx.minimum_cut(g, src, sink)
+    w_nodes = {n for n in cand if (n, "in") not in s_side}
+
+    # Mixed ops whose weight half the cut put in B: one fused call again.
+    split_ops, kept = [], []
+    for b_half, w_half in pairs:
+        if w_half in w_nodes:
+            split_ops.append(b_half.name)
+        else:
+            kept.append((b_half.name, "its weight gradient is a reduction the minimum cut keeps in B (holding its "
+                         "[param]-sized result is cheaper than holding its activation-sized inputs)"))
+            merge_mixed_op(bw, b_half, w_half)
+    handoff: list[torch.fx.Node] = []
+    for n in bw.graph.nodes:
+        if n in w_nodes or n.op == "output":
+            continue
+        if any(u in w_nodes for u in n.users) or any(outs[i] is n for i in w_pos):
+            handoff.append(n)
+    held = sum(int(_value_bytes(n)) for n in handoff if not (n.op == "placeholder" and n.name in resident))
+    w_flops = sum(node_flops(n) for n in w_nodes)
+    b_flops = sum(node_flops(n) for n in bw.graph.nodes if n.op == "call_function" and n not in w_nodes)
+    return SplitPlan(
+        input_outputs=b_pos,
+        weight_outputs=w_pos,
+        weight_params=tuple(param_placeholders[i] for i in w_pos),
+        w_nodes=frozenset(n.name for n in w_nodes),
+        handoff=tuple(n.name for n in handoff),
+        held_bytes=held,
+        b_flops=b_flops,
+        w_flops=w_flops,
+        split_ops=tuple(split_ops),
+        kept_whole=tuple(kept),
+    )
