@@ -229,7 +229,13 @@ class MemfitBackend:
             return compile_fx(
                 gm,
                 example_inputs,
-                config_patches={"custom_partitioner_fn": _InductorPartitioner(self)},
+                config_patches={
+                    "custom_partitioner_fn": _InductorPartitioner(self),
+                    # Layout optimisation makes the forward save a channels-last *copy* of a
+                    # convolution's weight under the parameter's name; the split backward needs the
+                    # parameter itself (W accumulates into its .grad).
+                    **({"layout_optimization": False} if "split_backward" in self._passes else {}),
+                },
                 decompositions=self._decompositions() if "fewbit" in self._passes else None,
                 inner_compile=_inductor_inner_compile,
             )
@@ -474,6 +480,19 @@ def _compile_backward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 
     name, plan, b, w = split
     b_ph = [n.name for n in b.graph.nodes if n.op == "placeholder"]
+    # The backward's inputs may not have the strides their FX values claim (Inductor lays out what
+    # the forward saves as it likes, and tells the backward compile through these example inputs),
+    # so B's values are re-derived from them and W is compiled for what B will really hand over.
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is not None:
+        FakeTensorProp(b, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
+        vals = {n.name: n.meta["val"] for n in b.graph.nodes if "val" in n.meta}
+        for n in w.graph.nodes:
+            if n.op == "placeholder" and n.name in vals:
+                n.meta["val"] = vals[n.name]
     w_examples = [n.meta.get("val") for n in w.graph.nodes if n.op == "placeholder"]
     run_b = compile_one(b, example_inputs, **kwargs)
     w_kwargs = dict(kwargs)
@@ -492,8 +511,11 @@ def _inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[A
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     def one(g, ex, **kw):
+        # Every output keeps the stride its FX value has: W was compiled for the strides of the
+        # values B hands over (seen otherwise: B chose channels-last for a conv gradient and W's
+        # input assertion failed), and W's results go into .grad, which has its parameter's strides.
         out = next(n for n in reversed(g.graph.nodes) if n.op == "output")
-        out.meta["user_visible_output_idxs"] = []
+        out.meta["user_visible_output_idxs"] = [i for i, a in enumerate(out.args[0]) if isinstance(a, torch.fx.Node)]
         return compile_fx_inner(g, ex, **kw)
 
     return _compile_backward(gm, example_inputs, compile_one=one, **kwargs)

@@ -48,8 +48,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_bytes_cpu(step: Callable[[], object]) -> int:
-    """Peak of the CPU allocator's running total while ``step()`` runs, from the profiler's events."""
+def _cpu_window(step: Callable[[], object]) -> tuple[int, int]:
+    """(peak, still live at the end) of the CPU allocator's running total over blocks allocated
+    while ``step()`` runs, from the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
 
     from torch._C._profiler import _EventType
@@ -73,7 +74,25 @@ def peak_bytes_cpu(step: Callable[[], object]) -> int:
             peak = max(peak, live)
         elif ptr in mine:
             live -= mine.pop(ptr)
-    return peak
+    return peak, live
+
+
+def peak_bytes_cpu(step: Callable[[], object]) -> int:
+    """Peak of the CPU allocator's running total while ``step()`` runs, from the profiler's events."""
+    return _cpu_window(step)[0]
+
+
+def retained_bytes(step: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Bytes allocated while ``step()`` runs that are still allocated when it returns (what it left
+    alive: e.g. what a split backward holds for W). Measured by the allocator, not counted."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device) - before
+    return _cpu_window(step)[1]
 
 
 def peak_bytes_cuda(step: Callable[[], object], device: torch.device) -> int:

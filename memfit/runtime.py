@@ -89,6 +89,13 @@ class SplitBackward:
 
     def __call__(self, args: list) -> list:
         params = [args[i] for i in self.param_args]
+        for i, p in zip(self.param_args, params):
+            if not (isinstance(p, torch.Tensor) and p.is_leaf and p.requires_grad):
+                raise RuntimeError(
+                    f"memfit: split backward of graph {self.name}: backward argument {i}, expected to be a parameter "
+                    f"(a leaf that requires grad), is not (a copy made by the inner compiler?); its weight gradient "
+                    "has nowhere to go. Compile without passes=['split_backward'] for this model, and report it"
+                )
         outs = list(self.run_b(args))
         nb = len(self.plan.input_outputs)
         grads: list = [None] * self.n_outputs

@@ -1,0 +1,328 @@
+"""Split backward (B = input gradients now, W = weight gradients queued): numerics, structure, effect."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memfit
+from memfit import runtime
+from memfit.measure import retained_bytes, to_loss
+from tests.helpers import build
+
+
+@pytest.fixture(autouse=True)
+def _empty_queue():
+    runtime.discard_weight_grads()
+    yield
+    runtime.discard_weight_grads()
+
+
+class LNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.ln = nn.LayerNorm(32)
+        self.b = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.ln(self.a(x)))).pow(2).mean()
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.bn(self.c1(x))))
+        return self.fc(h.flatten(1)).pow(2).mean()
+
+
+def _model(name):
+    if name == "layernorm":
+        torch.manual_seed(0)
+        return LNNet(), (torch.randn(6, 16, requires_grad=True),), {}
+    if name == "conv":
+        torch.manual_seed(0)
+        return ConvNet(), (torch.randn(2, 3, 8, 8, requires_grad=True),), {}
+    return build(name)
+
+
+def _split_backend(inner="eager"):
+    return memfit.backend(passes=["split_backward"], inner=inner)
+
+
+def _grads(model):
+    return {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "name,inner",
+    [("mlp", "eager"), ("gpt", "eager"), ("llama", "eager"), ("layernorm", "eager"), ("conv", "eager"),
+     ("gpt", "inductor"), ("conv", "inductor")],
+)
+def test_b_then_w_equals_unsplit_backward(name, inner):
+    model, args, kwargs = _model(name)
+    ref = copy.deepcopy(model)
+    ref_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    backend = _split_backend(inner)
+    compiled = torch.compile(model, backend=backend)
+    for step in range(2):  # the second step runs the cached graphs
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        loss = to_loss(compiled(*args, **kwargs))
+        loss.backward()
+        # after B: every parameter's .grad untouched, the input gradients there, W queued
+        assert all(p.grad is None for p in model.parameters())
+        assert runtime.pending_weight_grads()
+        ref_loss = to_loss(ref(*ref_args, **kwargs))
+        ref_loss.backward()
+        for a, r in zip(args, ref_args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                torch.testing.assert_close(a.grad, r.grad, rtol=1.3e-6, atol=1e-6)
+                a.grad = None
+                r.grad = None
+        assert runtime.run_weight_grads() >= 1
+        assert not runtime.pending_weight_grads()
+        torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1.3e-6, atol=1e-6)
+        got, want = _grads(model), _grads(ref)
+        assert got.keys() == want.keys() == {n for n, p in ref.named_parameters() if p.requires_grad}
+        tol = dict(rtol=1.3e-6, atol=1e-6) if inner == "eager" else dict(rtol=2e-5, atol=1e-5)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], msg=lambda m: f"grad of {k}: {m}", **tol)
+    assert all(r.split is not None for r in backend.records)
+
+
+def test_eight_microbatches_accumulate():
+    """8 forwards, each backward running only B; then the 8 queued W add up into .grad like 8 full
+    backwards would (exactly: same ops, same order of accumulation)."""
+    model, args, kwargs = build("gpt")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=_split_backend())
+    idx, targets = args
+    mbs = [(torch.roll(idx, i, 1), torch.roll(targets, i, 1)) for i in range(8)]
+    for mb in mbs:
+        to_loss(compiled(*mb)).backward()
+        assert all(p.grad is None for p in model.parameters())
+    assert len(runtime.pending_weight_grads()) == 8
+    runtime.run_weight_grads()
+    for mb in mbs:
+        to_loss(ref(*mb)).backward()
+    got, want = _grads(model), _grads(ref)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"grad of {k}: {m}")
+
+
+def test_existing_grads_untouched_by_b_and_added_by_w():
+    model, args, kwargs = build("mlp")
+    compiled = torch.compile(model, backend=_split_backend())
+    to_loss(compiled(*args)).backward()
+    runtime.run_weight_grads()
+    first = _grads(model)
+    to_loss(compiled(*args)).backward()
+    assert _grads(model).keys() == first.keys()
+    for k, g in _grads(model).items():
+        assert torch.equal(g, first[k])  # B left them alone
+    runtime.run_weight_grads()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, 2 * first[k], rtol=1e-6, atol=1e-7)
+
+
+def test_one_graph_shared_by_layers_accumulates_into_the_right_parameters():
+    """Compiling each block of a stack separately gives one Dynamo graph for all (parameters are graph
+    inputs); W must accumulate into the parameters of the call that queued it."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
+    ref = copy.deepcopy(blocks)
+    backend = _split_backend()
+    compiled = [torch.compile(b, backend=backend) for b in blocks]
+    x = torch.randn(4, 16, requires_grad=True)  # so every block's call has the same signature
+    h, r = x, x
+    for c, b in zip(compiled, ref):
+        h, r = c(h), b(r)
+    h.pow(2).sum().backward()
+    r.pow(2).sum().backward()
+    assert len(runtime.pending_weight_grads()) == 3
+    assert len({rec.name for rec in backend.records}) == 1  # one compiled graph serves all three
+    runtime.run_weight_grads()
+    for (n, p), q in zip(blocks.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_optimizer_step_with_queued_w_raises_then_works():
+    model, args, _ = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend=_split_backend())
+    to_loss(compiled(*args)).backward()
+    with pytest.raises(runtime.PendingWeightGradsError, match="run_weight_grads"):
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    runtime.run_weight_grads()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_other_optimizers_are_not_blocked():
+    model, args, _ = build("mlp")
+    other = nn.Linear(2, 2)
+    other.weight.grad = torch.ones_like(other.weight)
+    opt = torch.optim.SGD([other.weight], lr=0.1)
+    compiled = torch.compile(model, backend=_split_backend())
+    to_loss(compiled(*args)).backward()
+    opt.step()  # its parameters have nothing queued
+
+
+# -- structure -----------------------------------------------------------------------------------
+
+def _split_graphs(backend):
+    rec = backend.records[-1]
+    _, plan, b, w = rec.pair.backward.meta["memfit_split"]
+    return plan, b, w
+
+
+def _ops(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def test_structure_linear_weight_grads_in_w_layer_norm_whole_in_b():
+    model, args, _ = _model("layernorm")
+    backend = _split_backend()
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    plan, b, w = _split_graphs(backend)
+    mm = torch.ops.aten.mm.default
+    # two linear weights: dW = dY^T X, one mm each, in W; B keeps the two dX matmuls (b's dX, a's dX)
+    assert len(_ops(w, mm)) == 2
+    assert len(_ops(b, mm)) == 2
+    ln_bw = torch.ops.aten.native_layer_norm_backward.default
+    assert len(_ops(b, ln_bw)) == 1 and not _ops(w, ln_bw)
+    assert _ops(b, ln_bw)[0].args[-1] == [True, True, True]  # kept as one call
+    assert plan.kept_whole and "native_layer_norm_backward" in plan.kept_whole[0][0]
+    assert len(plan.weight_outputs) == 6 and len(plan.input_outputs) == 1
+    record = backend.records[-1]
+    assert any("kept as one call" in n for n in record.notes)
+
+
+def test_structure_convolution_backward_split_by_output_mask():
+    model, args, _ = _model("conv")
+    backend = _split_backend()
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    plan, b, w = _split_graphs(backend)
+    conv_bw = torch.ops.aten.convolution_backward.default
+    b_masks = sorted(tuple(n.args[-1]) for n in _ops(b, conv_bw))
+    w_masks = sorted(tuple(n.args[-1]) for n in _ops(w, conv_bw))
+    # both convs' input gradients in B (c1's because the input requires grad), weight+bias halves in W
+    assert b_masks == [(True, False, False)] * 2
+    assert w_masks == [(False, True, True)] * 2
+    assert len(plan.split_ops) == 2
+    # batch norm's weight gradient is a reduction: kept whole in B
+    bn_bw = [n for n in b.graph.nodes if n.op == "call_function" and "batch_norm_backward" in str(n.target)]
+    assert bn_bw and all(all(n.args[-1]) for n in bn_bw)
+
+
+def test_effect_held_bytes_exact_and_measured():
+    """For a bias-free MLP, W needs exactly each linear's input X and output gradient dY: the plan's
+    count equals that sum, and the allocator's retained bytes after B equal the plan's count."""
+    torch.manual_seed(0)
+    n, d, h = 64, 32, 128
+    model = nn.Sequential(nn.Linear(d, h, bias=False), nn.GELU(), nn.Linear(h, d, bias=False))
+    x = torch.randn(n, d, requires_grad=True)
+    dout = torch.randn(n, d)
+    backend = _split_backend()
+    compiled = torch.compile(model, backend=backend)
+    compiled(x).backward(dout)
+    runtime.run_weight_grads()
+    plan, b, w = _split_graphs(backend)
+    # linear 1: X = x (an input: held, it is not a parameter), dY [n, h]; linear 2: X = gelu [n, h], dY = dout [n, d]
+    expect = 4 * (n * d + n * h + n * h + n * d)
+    assert plan.held_bytes == expect
+    assert len(plan.handoff) == 4
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+
+    def step():
+        compiled(x).backward(dout)
+
+    retained = retained_bytes(step)
+    # x and dout were allocated before the window: retained = dY1 + gelu, plus x.grad that B returned
+    assert retained == 4 * (n * h + n * h) + 4 * n * d
+    (task,) = runtime.pending_weight_grads()
+    assert task.held_bytes == expect
+    runtime.run_weight_grads()
+
+
+def test_w_share_of_flops_for_a_transformer_block():
+    """Weight GEMMs are about half a transformer block's backward matmul FLOPs: W gets >= 45%."""
+    from gpt import Block, GPTConfig
+
+    torch.manual_seed(0)
+    blk = Block(GPTConfig(n_embd=64, n_head=4))
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    backend = _split_backend()
+    torch.compile(blk, backend=backend)(x).sum().backward()
+    runtime.run_weight_grads()
+    plan = backend.records[-1].split
+    assert plan.w_share >= 0.45
+
+
+def test_first_stage_everything_in_w():
+    """Inputs that need no gradient (a pipeline's first stage): B computes nothing, W all."""
+    model, args, _ = build("mlp")
+    backend = _split_backend()
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    plan, b, w = _split_graphs(backend)
+    assert plan.input_outputs == ()
+    assert not [n for n in b.graph.nodes if n.op == "call_function" and n.target in (torch.ops.aten.mm.default,)]
+    runtime.run_weight_grads()
+
+
+def test_no_parameter_grads_declined_with_reason():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 4, requires_grad=True)
+    backend = _split_backend()
+    torch.compile(model, backend=backend)(x).sum().backward()
+    assert x.grad is not None and not runtime.pending_weight_grads()
+    assert any("split_backward: not applied" in n and "no parameter gradient" in n for n in backend.records[-1].notes)
+
+
+def test_auto_never_splits():
+    model, args, _ = build("mlp")
+    backend = memfit.backend(inner="eager")
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not runtime.pending_weight_grads()
+
+
+def test_report_json_has_the_split(tmp_path):
+    model, args, _ = build("mlp")
+    path = tmp_path / "r.json"
+    backend = memfit.backend(passes=["split_backward"], inner="eager", report=str(path))
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    runtime.run_weight_grads()
+    import json
+
+    plan = json.loads(path.read_text())["graphs"][0]["split_backward_plan"]
+    assert plan["held_bytes"] > 0 and plan["weight_outputs"] and plan["w_share"] > 0.3
+
+
+def test_planner_output_order_matches_getitems():
+    """A mixed op's getitems follow the half that computes them (no getitem of a masked-off output)."""
+    model, args, _ = _model("conv")
+    backend = _split_backend()
+    to_loss(torch.compile(model, backend=backend)(*args)).backward()
+    runtime.run_weight_grads()
+    _, b, w = _split_graphs(backend)
+    for gm in (b, w):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is operator.getitem and n.args[0].target == torch.ops.aten.convolution_backward.default:
+                assert n.args[0].args[-1][n.args[1]]
