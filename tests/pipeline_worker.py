@@ -97,6 +97,19 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
         for st in stages:
             st.zero_grad(set_to_none=True)
         mb = x[: batch // n_micro]
+        if schedule in ("ZB1P", "ZBV"):
+            # PyTorch alone refuses a compiled stage module under its zero-bubble schedules
+            from torch.distributed.pipelining import PipelineStage
+
+            plain = [PipelineStage(torch.compile(stages[s]), s, n_stages, torch.device("cpu"),
+                                   input_args=(mb.clone().requires_grad_(s > 0),),
+                                   output_args=(mb.clone().requires_grad_(s < n_stages - 1),)) for s in mine]
+            try:
+                (ScheduleInterleavedZeroBubble if schedule == "ZB1P" else ScheduleZBVZeroBubble)(
+                    plain, n_microbatches=n_micro, loss_fn=loss_fn)
+                result["plain_compile_refused"] = ""
+            except RuntimeError as e:
+                result["plain_compile_refused"] = str(e)
         pstages = []
         for s in mine:
             pstages.append(

@@ -120,7 +120,7 @@ class _Engine:
         self.first_f: list[float | None] = [None] * p
         self.busy = [0.0] * p
         self.mem = [0] * p
-        self.mem_v = [0] * n_virtual
+        self.in_flight_v = [0] * n_virtual  # forwards whose B has not run, per virtual stage
         self.peak = [0] * p
         self.order: list[list[Op]] = [[] for _ in range(p)]
 
@@ -163,7 +163,7 @@ class _Engine:
         if op.kind == "F" and self.first_f[rank] is None:
             self.first_f[rank] = start
         self.mem[rank] += delta
-        self.mem_v[op.stage] += delta
+        self.in_flight_v[op.stage] += {"F": 1, "B": -1, "BW": -1, "W": 0}[op.kind]
         self.peak[rank] = max(self.peak[rank], self.mem[rank])
         self.order[rank].append(op)
 
@@ -185,11 +185,11 @@ class _Engine:
             if not progressed:
                 raise RuntimeError("schedule order deadlocks (an op waits for one that never runs)")
 
-    def greedy(self, limits: list[float]) -> None:
-        """Each rank, when free, runs a ready B (oldest first), else an F if the memory limit of its
-        (virtual) stage allows, else a pending W; else it waits for the next op to finish anywhere.
-        ``limits`` is per virtual stage (ZB-V: each chunk has its own, so the first chunk's
-        forwards cannot fill the rank and starve the second's)."""
+    def greedy(self, limits: list[int]) -> None:
+        """Each rank, when free, runs a ready B (oldest first), else an F if its (virtual) stage has
+        fewer than ``limits[v]`` microbatches in flight (forward done, B not yet), else a pending W;
+        else it waits for the next op to finish anywhere. Per virtual stage: a ZB-V chunk has its
+        own limit, so the first chunk's forwards cannot fill the rank and starve the second's."""
         p, m, nv = self.p, self.m, self.nv
         stages_of = [[v for v in range(nv) if _rank_of(v, p, nv) == r] for r in range(p)]
         next_f = {v: 0 for v in range(nv)}
@@ -215,8 +215,7 @@ class _Engine:
                     if next_f[v] < m:
                         op = Op("F", v, next_f[v])
                         rt = self.ready_at(op)
-                        c = self.vc[v]
-                        if rt is not None and self.mem_v[v] + c.mem_f <= limits[v] + 1e-9:
+                        if rt is not None and self.in_flight_v[v] < limits[v]:
                             # ZB-V: prefer the later chunk's F (it unblocks the backward sooner)
                             cands.append((1, rt, -v, op.mb, op))
                 for op in pending_w[r]:
@@ -267,11 +266,11 @@ def simulate(name: str, costs: list[StageCosts], m: int, *, comm: float = 0.0,
              in_flight: list[float] | None = None) -> ScheduleResult:
     """Simulate schedule ``name`` (one of :data:`SCHEDULES`) for ``m`` microbatches over ``len(costs)`` ranks.
 
-    The zero-bubble schedules are greedy under a memory limit per rank, in units of one
-    microbatch's forward memory (``mem_f``; a deferred W holds ``mem_w`` of it): ZB-H1 allows what
-    1F1B keeps on that rank (``p-s`` microbatches), ZB-H2 ``2(p-s)-1``, ZB-V ``p`` full-stage
-    microbatches (it has two chunks of half a stage each); ``in_flight`` overrides the limits. With
-    no memory figures (``mem_f == 0``) the limit counts microbatches whose B has not run."""
+    The zero-bubble schedules are greedy under a limit on microbatches in flight per stage (forward
+    done, B not yet: the zero-bubble paper's notion): ZB-H1 what 1F1B keeps (``p-s`` on stage s),
+    ZB-H2 ``2(p-s)-1``, ZB-V ``p`` per chunk; ``in_flight`` overrides them. A deferred W's hand-off
+    (``mem_w``) is not limited but is counted in the reported peak, so a schedule that defers many
+    W shows it there, and :func:`choose` weighs it against the budget."""
     p = len(costs)
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
@@ -288,10 +287,7 @@ def simulate(name: str, costs: list[StageCosts], m: int, *, comm: float = 0.0,
             "ZB-H2": [2 * (p - s) - 1 for s in range(p)],
             "ZB-V": [p] * p,
         }[name]
-    if not any(c.mem_f for c in costs):  # no memory figures: one unit per forward, nothing held by W
-        eng.vc = [StageCosts(c.f, c.b, c.w, 1, 0, c.resident) for c in eng.vc]
-    # per virtual stage; a ZB-V chunk is half a stage, so k full microbatches are k chunk-forwards per chunk
-    eng.greedy([in_flight[_rank_of(v, p, nv)] * eng.vc[v].mem_f + 1e-6 for v in range(nv)])
+    eng.greedy([in_flight[_rank_of(v, p, nv)] for v in range(nv)])
     return eng.result(name, costs)
 
 
