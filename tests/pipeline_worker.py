@@ -119,6 +119,11 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
                "ZBV": ScheduleZBVZeroBubble}[schedule]
         sched = cls(pstages if cls in (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble) else pstages[0],
                     n_microbatches=n_micro, loss_fn=loss_fn)
+        if hasattr(sched, "pipeline_order"):
+            result["pipeline_order"] = {
+                r: [None if a is None else [a.computation_type.value, a.stage_index, a.microbatch_index] for a in acts]
+                for r, acts in sched.pipeline_order.items()
+            }
         times = []
         losses: list = []
         for step in range(steps):

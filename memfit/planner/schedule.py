@@ -291,6 +291,33 @@ def simulate(name: str, costs: list[StageCosts], m: int, *, comm: float = 0.0,
     return eng.result(name, costs)
 
 
+def simulate_orders(name: str, orders: list[list[Op]], costs: list[StageCosts], m: int, *,
+                    comm: float = 0.0) -> ScheduleResult:
+    """Simulate given per-rank op orders (e.g. the ``pipeline_order`` of a ``torch.distributed.pipelining``
+    schedule, see :func:`orders_from_pytorch`); virtual stages beyond ``len(costs)`` are V-mapped."""
+    nv = 1 + max((op.stage for rank in orders for op in rank), default=0)
+    eng = _Engine(costs, len(costs), m, nv, comm)
+    eng.fixed(orders)
+    return eng.result(name, costs)
+
+
+def orders_from_pytorch(pipeline_order: dict[int, list]) -> list[list[Op]]:
+    """Per-rank :class:`Op` lists from a PyTorch schedule's ``pipeline_order`` (actions F, I, W, B;
+    idle slots (None) and communication actions are dropped: the simulator adds the waits itself)."""
+    kinds = {"F": "F", "I": "B", "W": "W", "B": "BW"}
+    out = []
+    for rank in sorted(pipeline_order):
+        ops = []
+        for a in pipeline_order[rank]:
+            if a is None:
+                continue
+            kind = kinds.get(getattr(a.computation_type, "value", str(a.computation_type)))
+            if kind is not None:
+                ops.append(Op(kind, a.stage_index, a.microbatch_index))
+        out.append(ops)
+    return out
+
+
 def choose(costs: list[StageCosts], m: int, *, budget: int | None = None, comm: float = 0.0,
            schedules: tuple[str, ...] = SCHEDULES) -> tuple[ScheduleResult | None, list[ScheduleResult]]:
     """Simulate each schedule; return the fastest whose every stage's peak fits ``budget`` (None if
