@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         "--passes",
         default="auto",
         metavar="LIST",
-        help="comma-separated passes (checkpoint, fewbit) or 'auto' (exact passes only; default)",
+        help="comma-separated passes (checkpoint, fewbit, split_backward) or 'auto' (exact passes that change nothing "
+        "about when gradients arrive; default)",
     )
     a.add_argument(
         "--fewbit-bits",

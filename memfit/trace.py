@@ -165,7 +165,7 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     analysis.plans = [r.plan for r in be.records if r.plan is not None]
     analysis.fewbit_plans = [r.fewbit for r in be.records if r.fewbit is not None]
     for r in be.records:
-        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ")))
+        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ", "split backward", "split_backward")))
         analysis.notes.extend(n for n in r.notes if " left exact: " in n)
     for b in analysis.memory.buffers:  # module paths are relative to the _Step wrapper
         b.module = b.module[len("model.") :] if b.module.startswith("model.") else b.module.replace("model", "", 1)

@@ -326,3 +326,15 @@ def test_planner_output_order_matches_getitems():
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is operator.getitem and n.args[0].target == torch.ops.aten.convolution_backward.default:
                 assert n.args[0].args[-1][n.args[1]]
+
+
+def test_cli_analyze_shows_the_split():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "memfit", "analyze", "--passes", "split_backward", "examples/mlp.py:small"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "split backward:" in out.stdout and "deferred to W" in out.stdout and "held between B and W" in out.stdout
