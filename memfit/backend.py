@@ -476,6 +476,7 @@ def _compile_backward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     split = gm.meta.get("memfit_split")
     if split is None:
         return compile_one(gm, example_inputs, **kwargs)
+    from memfit.passes.split_backward import _output_node
     from memfit.runtime import SplitBackward
 
     name, plan, b, w = split
@@ -499,13 +500,15 @@ def _compile_backward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     if "static_input_idxs" in w_kwargs:
         w_kwargs["static_input_idxs"] = []
     run_w = compile_one(w, w_examples, **w_kwargs)
-    n_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
+    n_outputs = len(_output_node(gm).args[0])
     return SplitBackward(name, plan, run_b, run_w, n_outputs, tuple(b_ph.index(p) for p in plan.weight_params))
 
 
 def _inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """Inductor's ``compile_fx_inner``, with split backwards compiled as B and W."""
     from torch._inductor.compile_fx import compile_fx_inner
+
+    from memfit.passes.split_backward import _output_node
 
     if not kwargs.get("is_backward") or "memfit_split" not in gm.meta:
         return compile_fx_inner(gm, example_inputs, **kwargs)
@@ -514,7 +517,7 @@ def _inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[A
         # Every output keeps the stride its FX value has: W was compiled for the strides of the
         # values B hands over (seen otherwise: B chose channels-last for a conv gradient and W's
         # input assertion failed), and W's results go into .grad, which has its parameter's strides.
-        out = next(n for n in reversed(g.graph.nodes) if n.op == "output")
+        out = _output_node(g)
         out.meta["user_visible_output_idxs"] = [i for i, a in enumerate(out.args[0]) if isinstance(a, torch.fx.Node)]
         return compile_fx_inner(g, ex, **kw)
 

@@ -42,8 +42,8 @@ def ensure_params(
 
     The forward returns its user outputs, then the values saved for the backward (tensors, then
     symbolic sizes); the backward takes the saved values in the same order, then the incoming
-    gradients. A missing parameter is appended to the forward's saved tensors and becomes the
-    backward's first placeholder... at the matching position: the first saved slot, in both."""
+    gradients. A missing parameter goes into the first saved slot of both: right after the forward's
+    user outputs, and as the backward's first placeholder."""
     outs = list(_output_node(bw).args[0])
     placeholders = [n for n in bw.graph.nodes if n.op == "placeholder"]
     by_name = {n.name: n for n in placeholders}

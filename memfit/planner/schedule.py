@@ -20,7 +20,6 @@ Bubble rate is defined as in the zero-bubble paper: ``1 - m (T_F + T_B + T_W) / 
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 from memfit.config import format_bytes
