@@ -2,6 +2,7 @@
 
     memfit analyze examples/hf_llama.py          # small config, real-size math in a second
     memfit analyze examples/hf_llama.py:llama_7b # a Llama-2-7B-sized config, on fake tensors
+    memfit plan examples/hf_llama.py:llama3_8b --device-memory 80GB --device h100 --report plan.html
 
 The model is given ``labels``, so it returns an output whose ``.loss`` memfit differentiates.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def _llama(batch: int, seq: int, **cfg):
+def _llama(batch: int, seq: int, dtype: torch.dtype = torch.float32, **cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     defaults = dict(
@@ -30,7 +31,7 @@ def _llama(batch: int, seq: int, **cfg):
     config = LlamaConfig(**defaults)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
 
@@ -50,6 +51,13 @@ def llama_7b():
     """Llama-2-7B's shapes (32 layers, 4096 wide, 11008 MLP, 32k vocab), batch 1 x 4096 tokens."""
     return _llama(1, 4096, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def llama3_8b():
+    """Llama-3-8B's shapes (32 layers, 4096 wide, 14336 MLP, 8 KV heads, 128k vocab) in bf16, batch 1 x 8192
+    tokens: 15 GiB of parameters, 30 GiB of AdamW state (in the parameters' dtype, as torch keeps it)."""
+    return _llama(1, 8192, dtype=torch.bfloat16, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
 
 
 if __name__ == "__main__":

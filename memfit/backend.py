@@ -59,6 +59,15 @@ class GraphRecord:
     """The few-bit plan carried out, if any."""
     split: Any = None
     """The split-backward plan carried out, if any."""
+    before_pair: GraphPair | None = None
+    before: StepAnalysis | None = None
+    """The analysis of the graph as plain ``torch.compile`` would partition it (no memfit pass)."""
+    budget: Any = None
+    """The :class:`memfit.planner.budget.StepBudget` the graph was planned for."""
+    candidates: list = field(default_factory=list)
+    """Every combination the planner evaluated: label, predicted peak, predicted time, fits, exact, chosen."""
+    decisions: list = field(default_factory=list)
+    """One row per value a pass decided about (see ``memfit.planner.report.decision_rows``)."""
 
     def to_json(self) -> dict:
         out = {
@@ -66,7 +75,13 @@ class GraphRecord:
             "partition": self.partition,
             "notes": list(self.notes),
             "analysis": self.analysis.to_json(),
+            "candidates": list(self.candidates),
+            "decisions": list(self.decisions),
         }
+        if self.before is not None:
+            out["before"] = self.before.to_json()
+        if self.budget is not None:
+            out["budget"] = self.budget.to_json()
         if self.plan is not None:
             out["checkpoint_plan"] = self.plan.to_json()
         if self.fewbit is not None:
@@ -77,6 +92,51 @@ class GraphRecord:
 
 
 _graph_ids = itertools.count()
+
+
+@dataclass
+class Candidate:
+    """One combination of passes the auto planner evaluated for a graph."""
+
+    label: str
+    fw: Any
+    bw: Any
+    pair: GraphPair
+    analysis: StepAnalysis
+    plan: Any = None
+    fewbit: Any = None
+    joint: Any = None
+    exact: bool = True
+    notes: list[str] = field(default_factory=list)
+    curve: tuple = ()
+
+    @property
+    def peak(self) -> int:
+        return self.analysis.memory.peak_bytes
+
+    @property
+    def time_s(self) -> float:
+        return self.analysis.time_s
+
+    def row(self, budget: int | None, *, chosen: bool) -> dict:
+        return {
+            "label": self.label,
+            "peak": self.peak,
+            "time_s": self.time_s,
+            "fits": budget is None or self.peak <= budget,
+            "exact": self.exact,
+            "chosen": chosen,
+            "curve": [list(p) for p in self.curve],
+        }
+
+
+def _checkpoint_note(plan, budget: int, analysis: StepAnalysis) -> str:
+    return (
+        f"checkpoint: {len(plan.saved)} values saved, {len(plan.recomputed)} recomputed; predicted peak "
+        f"{format_bytes(plan.predicted_peak)} within the budget {format_bytes(budget)}, recompute "
+        f"{plan.recompute_time_s * 1e3:.3f} ms ({analysis.profile.name} roofline); planned in "
+        f"{plan.plan_time_s:.2f} s over {plan.probes} probes"
+    )
 
 #: Under Inductor, plans aim at this fraction of the budget. With recomputation in the backward,
 #: measured peaks under Inductor ran up to 9.3% above the fusion-aware memory model (8-layer GPT,
@@ -98,6 +158,12 @@ class MemfitBackend:
         self.records: list[GraphRecord] = []
         self.inference_graphs = 0
         self._param_inputs: tuple[bool, ...] | None = None  # of the graph being compiled
+        self._param_bytes: dict[int, int] = {}  # id -> bytes of every parameter the graphs took
+        self._device: torch.device | None = None
+        self.curve_points = 8 if options.report else 0
+        """Checkpoint plans evaluated per graph, at least (the report's budget-vs-time curve)."""
+        self.progress: Callable[[str], None] | None = None
+        """Called with a line of progress while planning (the CLI draws a bar from it)."""
 
     def __repr__(self) -> str:
         return f"memfit.backend({self.options})"
@@ -115,14 +181,36 @@ class MemfitBackend:
     def _note_inputs(self, example_inputs: Sequence[Any]) -> None:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
         self._param_inputs = tuple(isinstance(x, torch.nn.Parameter) for x in example_inputs)
+        for x in example_inputs:
+            if isinstance(x, torch.nn.Parameter):
+                self._param_bytes[id(x)] = x.numel() * x.element_size()
+            if isinstance(x, torch.Tensor) and self._device is None:
+                self._device = x.device
+
+    def step_budget(self):
+        """The step's budget: ``budget``, or what ``device_memory`` leaves after the resident bytes of the
+        parameters seen so far (with graph breaks, an early graph sees only its own) and the optimizer."""
+        from memfit.planner.budget import ResidentTooLarge, step_budget
+
+        try:
+            return step_budget(
+                budget=self.options.budget,
+                device_memory=self.options.device_memory,
+                param_bytes=sum(self._param_bytes.values()),
+                optimizer=self.options.optimizer,
+                device=self._device,
+            )
+        except ResidentTooLarge as e:
+            raise BudgetError(0, 0, message=f"memfit: {e}") from None
 
     @property
     def _passes(self) -> tuple[str, ...]:
         """The passes this backend may run: the named ones, or every registered one for "auto"."""
         from memfit.passes import APPROXIMATE, OPT_IN, PASSES
 
-        if self.options.passes == "auto":  # approximation, and deferred weight gradients, must be asked for by name
-            return tuple(p for p in PASSES if p not in APPROXIMATE and p not in OPT_IN)
+        if self.options.passes == "auto":  # approximation must be allowed; deferred weight gradients asked for by name
+            allowed = APPROXIMATE if self.options.allow_approximation else ()
+            return tuple(p for p in PASSES if (p not in APPROXIMATE or p in allowed) and p not in OPT_IN)
         return tuple(self.options.passes)
 
     def _decompositions(self) -> dict:
@@ -136,7 +224,7 @@ class MemfitBackend:
             table = {k: v for k, v in table.items() if k not in HELD_BACK}
         return table
 
-    def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse, profile):
+    def _plan_checkpoint(self, joint, num_fwd_outputs, budget, static, analyse, profile, curve_points=0):
         """Plan and carry out a checkpoint plan; returns it with (fw, bw, pair, analysis)."""
         from memfit.passes import checkpoint as ckpt
         from memfit.planner import checkpoint as planner
@@ -153,10 +241,16 @@ class MemfitBackend:
         target = int(budget * margin)
         try:
             plan, (fw, bw) = planner.plan(
-                joint, num_fwd_outputs=num_fwd_outputs, budget=target, profile=profile, evaluate=evaluate
+                joint,
+                num_fwd_outputs=num_fwd_outputs,
+                budget=target,
+                profile=profile,
+                evaluate=evaluate,
+                curve_points=curve_points,
+                progress=self.progress,
             )
         except planner.Infeasible as e:
-            raise BudgetError(e.smallest_peak, budget, margin) from None
+            raise BudgetError(e.smallest_peak, budget, margin, hints=self._hints()) from None
         return plan, (fw, bw, *analyse(fw, bw))
 
     @property
@@ -252,6 +346,8 @@ class MemfitBackend:
         **kwargs: Any,
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         name = f"g{next(_graph_ids)}"
+        if self.progress:
+            self.progress(f"graph {name}: {len(joint.graph.nodes)} nodes; partitioning and planning")
         if joint_passes:  # what Inductor runs before calling its partitioner
             from torch._inductor.compile_fx import _recursive_joint_graph_passes
 
@@ -284,33 +380,38 @@ class MemfitBackend:
                 fewbit_pass.decompose(joint, fewbit_pass.HELD_BACK)
         fw, bw = baseline()
         pair, analysis = analyse(fw, bw)
+        before, before_pair = analysis, pair
         partition_name = "min-cut" if joint_partitioner == "mincut" else "default"
-        plan = None
-        fewbit_plan = None
-        if rewritable is not None:
-            chosen = self._fewbit(rewritable, bw, analysis, num_fwd_outputs, static, analyse, notes)
-            if chosen is not None:
-                joint, fewbit_plan, (fw, bw, pair, analysis) = chosen
-        budget = self.options.budget
-        if budget is not None and analysis.memory.peak_bytes > budget and "checkpoint" in self._passes:
-            try:
-                plan, (fw, bw, pair, analysis) = self._plan_checkpoint(
-                    joint, num_fwd_outputs, budget, static, analyse, analysis.profile
-                )
-                notes.append(
-                    f"checkpoint: {len(plan.saved)} values saved, {len(plan.recomputed)} recomputed; predicted peak "
-                    f"{format_bytes(plan.predicted_peak)} within the budget {format_bytes(budget)}, recompute "
-                    f"{plan.recompute_time_s * 1e3:.3f} ms ({analysis.profile.name} roofline); planned in "
-                    f"{plan.plan_time_s:.2f} s over {plan.probes} probes"
-                )
-            except CantApply as e:  # keep the baseline partition made above
-                notes.append(f"checkpoint: not applied: {e.reason}")
-                warnings.warn(f"memfit: checkpoint pass not applied to graph {name}: {e.reason}", stacklevel=2)
-        elif budget is not None and "checkpoint" in self._passes:
-            notes.append(
-                f"checkpoint: not needed; the {partition_name} partition's predicted peak "
-                f"{format_bytes(analysis.memory.peak_bytes)} is within the budget {format_bytes(budget)}"
+        sb = self.step_budget()
+        budget = sb.budget
+        if self.options.passes == "auto":
+            chosen, candidates = self._choose(
+                joint, rewritable, Candidate("unchanged", fw, bw, pair, analysis), num_fwd_outputs, static, analyse,
+                budget, notes, partition_name,
             )
+            fw, bw, pair, analysis = chosen.fw, chosen.bw, chosen.pair, chosen.analysis
+            plan, fewbit_plan, joint = chosen.plan, chosen.fewbit, chosen.joint or joint
+        else:
+            candidates = []
+            plan, fewbit_plan = None, None
+            if rewritable is not None:
+                got = self._fewbit(rewritable, bw, analysis, num_fwd_outputs, static, analyse, notes)
+                if got is not None:
+                    joint, fewbit_plan, (fw, bw, pair, analysis) = got
+            if budget is not None and analysis.memory.peak_bytes > budget and "checkpoint" in self._passes:
+                try:
+                    plan, (fw, bw, pair, analysis) = self._plan_checkpoint(
+                        joint, num_fwd_outputs, budget, static, analyse, analysis.profile, self.curve_points
+                    )
+                    notes.append(_checkpoint_note(plan, budget, analysis))
+                except CantApply as e:  # keep the baseline partition made above
+                    notes.append(f"checkpoint: not applied: {e.reason}")
+                    warnings.warn(f"memfit: checkpoint pass not applied to graph {name}: {e.reason}", stacklevel=2)
+            elif budget is not None and "checkpoint" in self._passes:
+                notes.append(
+                    f"checkpoint: not needed; the {partition_name} partition's predicted peak "
+                    f"{format_bytes(analysis.memory.peak_bytes)} is within the budget {format_bytes(budget)}"
+                )
         split_plan = None
         if "split_backward" in self._passes:
             from torch._functorch.partitioners import _is_primal
@@ -330,7 +431,14 @@ class MemfitBackend:
             plan=plan,
             fewbit=fewbit_plan,
             split=split_plan,
+            before=before,
+            before_pair=before_pair,
+            budget=sb,
+            candidates=candidates,
         )
+        from memfit.planner.report import decision_rows
+
+        record.decisions = decision_rows(name, joint, plan, fewbit_plan, split_plan)
         if not self._passes:
             record.notes.append(
                 f"passes={self.options.passes!r}: no memory pass enabled; the graph was partitioned by the "
@@ -341,7 +449,128 @@ class MemfitBackend:
         self._write_report()
         return fw, bw
 
-    def _fewbit(self, rewritable, baseline_bw, baseline, num_fwd_outputs, static, analyse, notes):
+    def _choose(self, joint, rewritable, base, num_fwd_outputs, static, analyse, budget, notes, partition_name):
+        """``passes="auto"``: evaluate the combinations of the enabled passes and keep the one of least
+        predicted step time (roofline, recomputation and few-bit coding included) whose predicted peak fits.
+
+        Exact plans are preferred: an approximate (few-bit) one is kept only where no exact plan fits, or
+        where it is predicted more than 2% faster than the best exact one. Few-bit is tried at 4, 3, 2 and 1
+        bits alone (the first width that fits: least gradient error), then at ``fewbit_bits`` with a
+        checkpoint plan. Returns (chosen, rows describing every candidate)."""
+        from memfit.passes import fewbit as fewbit_pass
+
+        if budget is None:
+            notes.append(f"no budget: the {partition_name} partition is compiled unchanged")
+            return base, [base.row(None, chosen=True)]
+        profile = base.analysis.profile
+        cands = [base]
+        smallest = [base.peak]
+        if base.peak <= budget:
+            notes.append(
+                f"fits unchanged: the {partition_name} partition's predicted peak {format_bytes(base.peak)} is within "
+                f"the budget {format_bytes(budget)}"
+            )
+            if self.curve_points and "checkpoint" in self._passes:  # the report's curve, not applied
+                try:
+                    plan, _ = self._plan_checkpoint(
+                        joint, num_fwd_outputs, base.peak, static, analyse, profile, self.curve_points
+                    )
+                    base.curve = plan.frontier
+                except (BudgetError, CantApply):
+                    pass
+            return base, [base.row(budget, chosen=True)]
+        if "checkpoint" in self._passes:
+            try:
+                plan, (fw, bw, pair, analysis) = self._plan_checkpoint(
+                    joint, num_fwd_outputs, budget, static, analyse, profile, self.curve_points
+                )
+                c = Candidate("checkpoint", fw, bw, pair, analysis, plan=plan, joint=joint)
+                c.notes.append(_checkpoint_note(plan, budget, analysis))
+                c.curve = plan.frontier
+                cands.append(c)
+            except BudgetError as e:
+                smallest.append(e.smallest_peak)
+                notes.append(f"checkpoint: smallest reachable peak {format_bytes(e.smallest_peak)}, over the budget")
+            except CantApply as e:
+                notes.append(f"checkpoint: not applied: {e.reason}")
+        if rewritable is not None:
+            by_bits = {}
+            for bits in (4, 3, 2, 1):
+                local: list[str] = []
+                got = self._fewbit(
+                    fewbit_pass.clone(rewritable), base.bw, base.analysis, num_fwd_outputs, static, analyse, local, bits
+                )
+                if got is None:
+                    notes.extend(local)
+                    break
+                fb_joint, fb_plan, (fw, bw, pair, analysis) = got
+                c = Candidate(f"fewbit {bits}-bit", fw, bw, pair, analysis, fewbit=fb_plan, joint=fb_joint, exact=False)
+                c.notes.extend(local)
+                by_bits[bits] = c
+                smallest.append(c.peak)
+                if c.peak <= budget:
+                    cands.append(c)
+                    break
+            else:
+                combo = by_bits.get(self.options.fewbit_bits)
+                if combo is not None and "checkpoint" in self._passes:
+                    try:
+                        plan, (fw, bw, pair, analysis) = self._plan_checkpoint(
+                            combo.joint, num_fwd_outputs, budget, static, analyse, profile
+                        )
+                        c = Candidate(
+                            f"fewbit {combo.fewbit.bits}-bit + checkpoint", fw, bw, pair, analysis, plan=plan,
+                            fewbit=combo.fewbit, joint=combo.joint, exact=False,
+                        )
+                        c.notes.extend(combo.notes)
+                        c.notes.append(_checkpoint_note(plan, budget, analysis))
+                        cands.append(c)
+                    except BudgetError as e:
+                        smallest.append(e.smallest_peak)
+                    except CantApply as e:
+                        notes.append(f"fewbit + checkpoint: not applied: {e.reason}")
+        fits = [c for c in cands if c.peak <= budget]
+        exact = min((c for c in fits if c.exact), key=lambda c: c.time_s, default=None)
+        approx = min((c for c in fits if not c.exact), key=lambda c: c.time_s, default=None)
+        chosen = exact if exact is not None and (approx is None or exact.time_s <= 1.02 * approx.time_s) else approx
+        if chosen is None:
+            raise BudgetError(
+                min(smallest), budget, INDUCTOR_PLAN_MARGIN if self._fused else 1.0, hints=self._hints()
+            )
+        rows = [c.row(budget, chosen=c is chosen) for c in cands]
+        notes.extend(chosen.notes)
+        considered = ", ".join(
+            f"{r['label']} {format_bytes(r['peak'])} {1e3 * r['time_s']:.3f} ms" for r in rows
+        )
+        notes.append(
+            f"auto: chose {chosen.label} (predicted peak {format_bytes(chosen.peak)}, step "
+            f"{1e3 * chosen.time_s:.3f} ms vs {1e3 * base.time_s:.3f} ms unchanged) among: {considered}"
+        )
+        if not chosen.exact:
+            notes.append(
+                "auto: few-bit activation gradients are approximate: used because allow_approximation=True and "
+                + ("no exact plan fits" if exact is None else "they are predicted faster than the best exact plan")
+            )
+        return chosen, rows
+
+    def _hints(self) -> list[str]:
+        """What else could make a step fit (for the error when no plan does)."""
+        from memfit.passes import APPROXIMATE
+
+        hints = []
+        if not self.options.allow_approximation and any(p not in self._passes for p in APPROXIMATE):
+            hints.append(
+                "allow approximation (allow_approximation=True, or --allow-approximation): few-bit activation "
+                "gradients store 1-4-bit codes instead of activation inputs"
+            )
+        hints.append(
+            "split the model into pipeline stages (memfit.pipelining.pipeline_stage): each stage holds only its own "
+            "layers' activations and gradients"
+        )
+        hints.append("shrink the microbatch or the sequence")
+        return hints
+
+    def _fewbit(self, rewritable, baseline_bw, baseline, num_fwd_outputs, static, analyse, notes, bits=None):
         """Plan and carry out the few-bit rewrite on ``rewritable`` (a copy of the joint graph); keep it
         only if the memory model predicts a lower peak than the baseline partition's.
 
@@ -350,7 +579,8 @@ class MemfitBackend:
         from memfit.passes import fewbit as fewbit_pass
         from memfit.planner import fewbit as fewbit_planner
 
-        plan = fewbit_planner.plan(rewritable, self.options.fewbit_bits, self.options.fewbit_calibration)
+        bits = self.options.fewbit_bits if bits is None else bits
+        plan = fewbit_planner.plan(rewritable, bits, self.options.fewbit_calibration)
         for node, reason in plan.skipped:
             notes.append(f"fewbit: {node} left exact: {reason}")
         if not plan.sites:
@@ -451,9 +681,24 @@ class MemfitBackend:
         }
 
     def _write_report(self) -> None:
-        if self.options.report:
-            with open(self.options.report, "w") as f:
-                json.dump(self.report(), f, indent=1)
+        """``report=`` ending in .html or .md: the planning report (all three forms, see
+        ``memfit.planner.report.write``); any other path: this backend's JSON record of every graph."""
+        path = self.options.report
+        if not path:
+            return
+        if path.lower().endswith((".html", ".htm", ".md")):
+            self.write_report(path)
+            return
+        with open(path, "w") as f:
+            json.dump(self.report(), f, indent=1)
+
+    def write_report(self, path: str, *, title: str = "", measured: dict | None = None) -> list[str]:
+        """Write the planning report of the graphs compiled so far (HTML, Markdown and JSON beside each
+        other); ``measured`` attaches a real run: ``{"baseline": m0, "memfit": m1}`` with ``m`` from
+        ``memfit.measure.measure``. Returns the paths written."""
+        from memfit.planner import report as rp
+
+        return rp.write(rp.build_report(self, title=title, measured=measured), path)
 
 
 def _boxed_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -538,6 +783,12 @@ class _InductorPartitioner(_PartitionerBase):  # type: ignore[misc]
     def __call__(self, gm, joint_inputs, **kwargs):
         return self.backend.partition(gm, joint_inputs, joint_partitioner="mincut", **kwargs)
 
+    def __deepcopy__(self, memo: dict) -> "_InductorPartitioner":
+        # Inductor deep-copies its config to key the FX graph cache; the partitioner's identity is its
+        # uuid, and copying it would copy the backend with every graph it recorded (and any open
+        # progress stream, which cannot be copied at all).
+        return self
+
     def uuid(self) -> Any:
         # Never equal to another compile's: a cache hit would skip the partition, and with it the
         # plan and the record of what was done (the FX graph cache still applies to the partitioned
@@ -564,26 +815,36 @@ class OptionsError(ShortenTraceback, ValueError):
 
 
 class BudgetError(ShortenTraceback):
-    """No plan memfit can make fits the budget; says the smallest peak it can reach.
+    """No plan memfit can make fits the budget; says the smallest peak it can reach and what else could help.
 
     (Derived from ``ShortenTraceback`` so Dynamo passes it to the user as it is.)
     """
 
-    def __init__(self, smallest_peak: int, budget: int, margin: float = 1.0):
+    def __init__(
+        self,
+        smallest_peak: int,
+        budget: int,
+        margin: float = 1.0,
+        *,
+        hints: Sequence[str] = ("raise the budget, or shrink the batch or sequence",),
+        message: str | None = None,
+    ):
         self.smallest_peak = smallest_peak
         self.budget = budget
-        extra = ""
-        if margin < 1.0:
-            extra = (
-                f"; under Inductor plans keep a {100 * (1 - margin):.0f}% margin, so the smallest budget that can be "
-                f"planned is {format_bytes(smallest_peak / margin)}"
+        self.hints = tuple(hints)
+        if message is None:
+            extra = ""
+            if margin < 1.0:
+                extra = (
+                    f"; under Inductor plans keep a {100 * (1 - margin):.0f}% margin, so the smallest budget that can "
+                    f"be planned is {format_bytes(smallest_peak / margin)}"
+                )
+            message = (
+                f"memfit: no plan fits the budget of {format_bytes(budget)} ({budget} bytes): the smallest step "
+                f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes){extra}. "
+                f"To fit: {'; or '.join(self.hints)}"
             )
-        super().__init__(
-            f"memfit: no plan fits the budget of {format_bytes(budget)} ({budget} bytes): the smallest step "
-            f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes){extra}. "
-            "Raise the budget, or shrink the batch or sequence",
-            first_useful_frame=None,
-        )
+        super().__init__(message, first_useful_frame=None)
 
 
 _shared: dict[Options, MemfitBackend] = {}

@@ -5,12 +5,18 @@
     memfit analyze --budget 2GiB examples/gpt.py   # plan activation checkpointing to fit 2 GiB
     memfit analyze --passes fewbit --fewbit-bits 2 examples/gpt.py   # few-bit activation gradients
 
+    memfit plan examples/hf_llama.py:llama3_8b --device-memory 80GB --device h100 --report plan.html
+    memfit bench examples/gpt.py --budget 120MiB --report bench.html   # predicted vs measured, real run
+
 Exit codes: 0 done; 2 bad input (missing file, no factory, the factory or the trace fails), with a
 one-line reason on stderr and no traceback unless ``--debug``; 3 no plan fits the budget (the
-message states the smallest peak memfit can reach).
+message states the smallest peak memfit can reach, and ``plan``/``bench`` exit 3 when the report's
+verdict is that the step does not fit).
 """
 
 from __future__ import annotations
+
+from memfit.config import format_bytes
 
 import argparse
 import json
@@ -66,7 +72,156 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--top", type=int, default=10, metavar="N", help="how many saved values to list (default: 10)")
     a.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    for name, help_, desc in (
+        (
+            "plan",
+            "plan the step for a budget on fake tensors and write a report",
+            "Trace one training step of TARGET's model on fake tensors (any model size, no real memory), let the "
+            "planner choose what to save, recompute or code (passes=auto) so the step fits the budget at the least "
+            "predicted time, and write the report (HTML, Markdown and JSON).",
+        ),
+        (
+            "bench",
+            "run the step for real, unplanned and planned, and report predicted vs measured",
+            "Build TARGET's model with real tensors, measure a training step compiled plainly (torch.compile) and by "
+            "memfit for the budget, side by side (allocator peak and wall time), and write the report with both.",
+        ),
+    ):
+        q = sub.add_parser(name, help=help_, description=desc)
+        q.add_argument("target", help="path/to/file.py or package.module, optionally :factory (default: factory)")
+        size = q.add_mutually_exclusive_group(required=True)
+        size.add_argument("--budget", metavar="SIZE", help="peak the step may use above resident memory (e.g. 20GiB)")
+        size.add_argument(
+            "--device-memory",
+            metavar="SIZE",
+            help="the whole device (e.g. 80GB); memfit subtracts parameters and optimizer state",
+        )
+        q.add_argument(
+            "--optimizer",
+            default="adamw",
+            help="optimizer whose state is resident, with --device-memory: adamw, adam, sgd, momentum, ... or none "
+            "(default: adamw)",
+        )
+        q.add_argument("--device", choices=DEVICE_PROFILES, default=None, help="device profile for time estimates")
+        q.add_argument("--inner", choices=("inductor", "eager"), default="inductor", help="inner compiler (default: inductor)")
+        q.add_argument("--passes", default="auto", metavar="LIST", help="'auto' (default) or comma-separated pass names")
+        q.add_argument(
+            "--allow-approximation",
+            action="store_true",
+            help="let the planner use few-bit activation gradients (approximate) where they help",
+        )
+        q.add_argument("--report", metavar="PATH", default=f"memfit-{name}.html", help="report path: .html, .md or .json; "
+                       "the other two forms are written beside it (default: %(default)s)")
+        q.add_argument("--title", default=None, help="title of the report (default: the target)")
+        if name == "bench":
+            q.add_argument("--repeat", type=int, default=3, metavar="N", help="timed steps per configuration (default: 3)")
+        q.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, one line per update otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.width = 0
+
+    def __call__(self, msg: str) -> None:
+        line = f"memfit [{time.perf_counter() - self.t0:6.1f} s] {msg}"
+        if self.tty:
+            pad = max(0, self.width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self.width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _plan_options(args: argparse.Namespace) -> dict:
+    opt = None if args.optimizer.lower() in ("none", "") else args.optimizer
+    return dict(
+        inner=args.inner,
+        device=args.device,
+        budget=args.budget,
+        device_memory=args.device_memory,
+        optimizer=opt if args.device_memory else None,
+        passes=args.passes,
+        allow_approximation=args.allow_approximation,
+    )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from memfit.planner import report as rp
+    from memfit.trace import trace_step
+
+    progress = _Progress()
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.simplefilter("ignore")
+        try:
+            be, _ = trace_step(args.target, progress=progress, curve_points=8, **_plan_options(args))
+        finally:
+            progress.done()
+    rep = rp.build_report(be, title=args.title or args.target)
+    paths = rp.write(rep, args.report)
+    print(rep["verdict"])
+    print(f"  {rep['budget_description']}")
+    for c in rep["candidates"]:
+        mark = "*" if c["chosen"] else " "
+        print(
+            f"  {mark} {c['graph']} {c['label']:<28} peak {format_bytes(c['peak']):>11}  time {c['time_s'] * 1e3:10.2f} ms"
+            f"  {'fits' if c['fits'] else 'over'}{'' if c['exact'] else ' (approximate)'}"
+        )
+    print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    return EXIT_OK if rep["fits"] else EXIT_DOES_NOT_FIT
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from memfit.backend import MemfitBackend
+    from memfit.config import make_options
+    from memfit.measure import measure, training_step
+    from memfit.planner import report as rp
+    from memfit.trace import TargetError, build_step, load_factory
+
+    if args.repeat < 1:
+        raise TargetError(f"--repeat {args.repeat} must be >= 1")
+    progress = _Progress()
+    model, fargs, fkwargs, loss_fn = build_step(load_factory(args.target), fake=False)
+    progress("measuring the step under plain torch.compile")
+    torch._dynamo.reset()
+    dev = next(model.parameters()).device
+    baseline = measure(training_step(torch.compile(model), fargs, fkwargs, loss_fn), device=dev, repeat=args.repeat)
+    progress(f"plain torch.compile: {baseline}; planning and measuring memfit")
+    torch._dynamo.reset()
+    be = MemfitBackend(make_options(_plan_options(args)))
+    be.curve_points = 8
+    be.progress = progress
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.simplefilter("ignore")
+        planned = measure(
+            training_step(torch.compile(model, backend=be), fargs, fkwargs, loss_fn), device=dev, repeat=args.repeat
+        )
+    progress.done()
+    rep = rp.build_report(be, title=args.title or args.target, measured={"baseline": baseline, "memfit": planned})
+    paths = rp.write(rep, args.report)
+    print(rep["verdict"])
+    print(f"  measured: plain torch.compile {baseline}; memfit {planned}")
+    budget = rep["budget"]["budget"] if rep["budget"] else None
+    if budget is not None:
+        print(f"  measured peak / budget: {planned.peak_bytes / budget:.3f}")
+    print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    return EXIT_OK if rep["fits"] else EXIT_DOES_NOT_FIT
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -107,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.top < 0:
                 raise TargetError(f"--top {args.top} must be >= 0")
             return _analyze(args)
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "bench":
+            return _bench(args)
     except BudgetError as e:
         print(str(e).splitlines()[0], file=sys.stderr)
         return EXIT_DOES_NOT_FIT

@@ -106,6 +106,19 @@ class Options:
     """A ``memfit.calibrate_fewbit(...)`` result: weight the few-bit tables by the measured inputs of
     each activation kind instead of a standard normal."""
 
+    device_memory: int | None = None
+    """The whole device's memory (``"80GiB"``), instead of ``budget``: the step's budget is what is
+    left after the resident bytes (parameters, optimizer state from ``optimizer``, or on a GPU the
+    allocator's own figure); the report states the subtraction."""
+
+    optimizer: str | None = None
+    """The optimizer whose state is resident (``"adamw"``: two tensors per parameter), counted when
+    ``device_memory`` is given; ``None``: none counted (the report says so)."""
+
+    allow_approximation: bool = False
+    """Let ``passes="auto"`` use the approximate few-bit activation gradients where they make the step
+    fit, or fit faster, than the exact techniques alone; every site used is listed in the report."""
+
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 
@@ -174,6 +187,23 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
                 "memfit.calibrate_fewbit(fn, *args)"
             )
 
+    device_memory = parse_bytes(merged.get("device_memory"), what="device_memory")
+    if device_memory is not None and budget is not None:
+        raise ValueError(
+            "give either budget= (the step's peak above resident memory) or device_memory= (the whole device, "
+            "from which memfit subtracts what is resident), not both"
+        )
+    optimizer = merged.get("optimizer")
+    if optimizer is not None:
+        from memfit.planner.budget import OPTIMIZER_STATES
+
+        optimizer = str(optimizer).lower()
+        if optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"unknown optimizer {merged.get('optimizer')!r}; accepted: {', '.join(OPTIMIZER_STATES)} (or None)")
+    approx = merged.get("allow_approximation", False)
+    if not isinstance(approx, bool):
+        raise ValueError(f"allow_approximation={approx!r} must be True or False")
+
     return Options(
         budget=budget,
         passes=passes,
@@ -182,4 +212,7 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
         report=report,
         fewbit_bits=int(bits),
         fewbit_calibration=calibration,
+        device_memory=device_memory,
+        optimizer=optimizer,
+        allow_approximation=approx,
     )

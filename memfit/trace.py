@@ -133,23 +133,31 @@ def build_step(factory: Callable[[], Any], *, fake: bool = True) -> tuple[torch.
     return model, args, kwargs, loss_fn
 
 
-def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
-    """Analyse one training step of a factory's model on fake tensors (no real memory).
+def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], None] | None = None,
+               curve_points: int = 0, **options: Any):
+    """Trace (and, with a budget, plan) one training step of a factory's model on fake tensors.
 
-    ``target`` is a factory or a target string; ``options`` are backend options (``inner`` picks
-    which partition and decompositions the graphs get, ``device`` the cost-model profile).
+    Returns ``(backend, param_bytes)``: the backend holds a record of every graph. ``options`` are backend
+    options; ``progress`` gets a line at each stage; ``curve_points``: checkpoint plans to evaluate per
+    graph for the report's budget-vs-time curve.
     """
     from memfit.backend import BudgetError, MemfitBackend
 
     opts = make_options(options)
     factory = load_factory(target) if isinstance(target, str) else target
+    if progress:
+        progress("building the model on fake tensors")
     model, args, kwargs, loss_fn = build_step(factory)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if not any(p.requires_grad for p in model.parameters()):
         raise TargetError("no parameter of the model requires grad; there is no training step to analyse")
     be = MemfitBackend(opts)
+    be.progress = progress
+    be.curve_points = curve_points
     step = _Step(model, loss_fn).train(model.training)
     torch._dynamo.reset()
+    if progress:
+        progress("tracing the training step (Dynamo, AOTAutograd)")
     try:
         compiled = torch.compile(step, backend=be.analysis_compiler, dynamic=False)
         compiled(args, kwargs)
@@ -161,14 +169,31 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
         torch._dynamo.reset()
     if not be.records:
         raise TargetError("no training graph was produced (does the loss depend on the parameters?)")
+    for r in be.records:  # module paths are relative to the _Step wrapper
+        for d in r.decisions:
+            d["module"] = _unwrap(d["module"])
+    return be, param_bytes
+
+
+def _unwrap(module: str) -> str:
+    return module[len("model.") :] if module.startswith("model.") else module.replace("model", "", 1)
+
+
+def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
+    """Analyse one training step of a factory's model on fake tensors (no real memory).
+
+    ``target`` is a factory or a target string; ``options`` are backend options (``inner`` picks
+    which partition and decompositions the graphs get, ``device`` the cost-model profile).
+    """
+    be, param_bytes = trace_step(target, **options)
     analysis = be.step_analysis(param_bytes=param_bytes)
     analysis.plans = [r.plan for r in be.records if r.plan is not None]
     analysis.fewbit_plans = [r.fewbit for r in be.records if r.fewbit is not None]
     for r in be.records:
-        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ", "split backward", "split_backward")))
+        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ", "split backward", "split_backward", "auto:", "fits unchanged")))
         analysis.notes.extend(n for n in r.notes if " left exact: " in n)
-    for b in analysis.memory.buffers:  # module paths are relative to the _Step wrapper
-        b.module = b.module[len("model.") :] if b.module.startswith("model.") else b.module.replace("model", "", 1)
+    for b in analysis.memory.buffers:
+        b.module = _unwrap(b.module)
     return analysis
 
 

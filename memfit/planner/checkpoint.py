@@ -51,6 +51,9 @@ class CheckpointPlan:
     saved_bytes: int
     probes: int = 0
     plan_time_s: float = 0.0
+    frontier: tuple[tuple[int, float], ...] = ()
+    """(simulated peak, recompute time) of every plan the search evaluated, the chosen one among them:
+    the budget-vs-time curve the report plots, at no extra planning cost."""
 
     def to_json(self) -> dict:
         return {
@@ -62,6 +65,7 @@ class CheckpointPlan:
             "recomputed": sorted(self.recomputed),
             "probes": self.probes,
             "plan_time_s": self.plan_time_s,
+            "frontier": [list(p) for p in self.frontier],
         }
 
 
@@ -230,12 +234,15 @@ def plan(
     profile: DeviceProfile,
     evaluate: Callable[[frozenset[str]], tuple[int, object]],
     max_probes: int = 10,
+    curve_points: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[CheckpointPlan, object]:
     """The plan of least recompute time whose evaluated peak is at most ``budget``.
 
     ``evaluate(saved)`` carries a plan out and returns ``(peak_bytes, result)``; the result of the
     chosen plan is returned beside it (the partitioned graphs, so they are not built twice).
+    ``curve_points``: probe at least this many saved-byte limits in all, evenly between the least
+    and the most saving plans, so the report's budget-vs-time curve has points across the range.
     Raises :class:`Infeasible` with the smallest peak found when no plan fits.
     """
     t0 = time.perf_counter()
@@ -249,7 +256,12 @@ def plan(
         p.peak, p.result = evaluate(p.saved)
         probes.append(p)
         if progress:
-            progress(f"probe {len(probes)}: saved {p.saved_bytes} B -> peak {p.peak} B")
+            from memfit.config import format_bytes
+
+            progress(
+                f"checkpoint plan {len(probes)}/{max(max_probes, curve_points)}: saving {format_bytes(p.saved_bytes)}"
+                f" -> peak {format_bytes(p.peak)}"
+            )
         return p
 
     lo = run(None, minimise_bytes=True)
@@ -276,6 +288,14 @@ def plan(
                     best = p
             else:
                 b = mid
+    missing = curve_points - len(probes)
+    for i in range(max(0, missing)):
+        limit = lo.saved_bytes + (hi.saved_bytes - lo.saved_bytes) * (i + 1) / (missing + 1)
+        if any(abs(p.limit - limit) < 0.01 * max(hi.saved_bytes, 1) for p in probes):
+            continue
+        p = run(limit)
+        if p is not None and p.peak <= budget and (best is None or p.cost < best.cost):
+            best = p
     assert best is not None
     chosen = CheckpointPlan(
         saved=best.saved,
@@ -286,5 +306,6 @@ def plan(
         saved_bytes=best.saved_bytes,
         probes=len(probes),
         plan_time_s=time.perf_counter() - t0,
+        frontier=tuple(sorted({(p.peak, p.cost) for p in probes})),
     )
     return chosen, best.result

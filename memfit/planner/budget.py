@@ -1,0 +1,99 @@
+"""What the step may use: a ``budget`` given directly, or what a ``device_memory`` leaves after the
+resident bytes.
+
+``budget`` is the peak of the training step above what is resident when it starts — the memory
+model's definition (parameters and optimizer state are resident; activations, gradients and the
+backward's temporaries are the step's). Users think in whole devices ("80 GB H100"), so
+``device_memory`` is accepted too and the resident part is subtracted, named in the report:
+
+* parameters: the bytes of every parameter the compiled graphs take (all graphs seen so far);
+* optimizer state: ``OPTIMIZER_STATES[optimizer]`` tensors per parameter, in the parameter's dtype
+  (as ``torch.optim`` keeps them: AdamW on a bf16 Llama-3-8B holds 2 x 15 GiB);
+* on a GPU, the allocator's own figure (``torch.cuda.memory_allocated``) when it is larger: it
+  counts what memfit cannot see (buffers, other models, a loaded optimizer state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memfit.config import format_bytes
+
+#: State tensors per parameter kept by each optimizer (same shape and dtype as the parameter).
+OPTIMIZER_STATES = {
+    "sgd": 0,
+    "momentum": 1,
+    "sgd_momentum": 1,
+    "rmsprop": 1,
+    "adagrad": 1,
+    "lion": 1,
+    "adam": 2,
+    "adamw": 2,
+}
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The budget of one step, and how it was derived (for the report's verdict)."""
+
+    budget: int | None
+    """Bytes the step may use above resident memory; ``None``: no limit."""
+    device_memory: int | None = None
+    resident: tuple[tuple[str, int], ...] = ()
+    """What was subtracted from ``device_memory``: (what, bytes)."""
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(b for _, b in self.resident)
+
+    def describe(self) -> str:
+        if self.device_memory is None:
+            return f"budget {format_bytes(self.budget)} above resident memory"
+        parts = " - ".join(f"{format_bytes(b)} {what}" for what, b in self.resident) or "nothing resident"
+        return f"device {format_bytes(self.device_memory)} - {parts} = {format_bytes(self.budget)} for the step"
+
+    def to_json(self) -> dict:
+        return {
+            "budget": self.budget,
+            "device_memory": self.device_memory,
+            "resident": [{"what": w, "bytes": b} for w, b in self.resident],
+        }
+
+
+class ResidentTooLarge(ValueError):
+    """What is resident does not leave any memory for the step."""
+
+
+def step_budget(
+    *,
+    budget: int | None,
+    device_memory: int | None,
+    param_bytes: int,
+    optimizer: str | None,
+    device: torch.device | None = None,
+) -> StepBudget:
+    """The step's budget from the user's options and what is resident."""
+    if device_memory is None:
+        return StepBudget(budget)
+    n_states = OPTIMIZER_STATES.get(optimizer or "", 0)
+    resident = [("parameters", param_bytes)]
+    if optimizer is None:
+        resident.append(("optimizer state (none counted: give optimizer=, e.g. 'adamw')", 0))
+    else:
+        resident.append((f"{optimizer} state ({n_states} per parameter)", n_states * param_bytes))
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():  # pragma: no cover - GPU only
+        allocated = torch.cuda.memory_allocated(device)
+        counted = sum(b for _, b in resident)
+        if allocated > counted:
+            resident.append(("other allocations (the CUDA allocator's figure beyond the above)", allocated - counted))
+    left = device_memory - sum(b for _, b in resident)
+    if left <= 0:
+        parts = ", ".join(f"{w} {format_bytes(b)}" for w, b in resident if b)
+        raise ResidentTooLarge(
+            f"what is resident ({parts}) already fills the device memory of {format_bytes(device_memory)}: no plan "
+            "for the step's activations can help; keep parameters/optimizer state in bf16, shard them (FSDP2), or "
+            "split the model into pipeline stages (memfit.pipelining)"
+        )
+    return StepBudget(left, device_memory, tuple(resident))
