@@ -31,7 +31,12 @@ def _llama(batch: int, seq: int, dtype: torch.dtype = torch.float32, **cfg):
     config = LlamaConfig(**defaults)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype (a .to() after the fact cannot swap fake parameters)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
 

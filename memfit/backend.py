@@ -164,6 +164,11 @@ class MemfitBackend:
         """Checkpoint plans evaluated per graph, at least (the report's budget-vs-time curve)."""
         self.progress: Callable[[str], None] | None = None
         """Called with a line of progress while planning (the CLI draws a bar from it)."""
+        self.strict = True
+        """False: when no plan fits, keep the smallest-peak plan and record why (for ``memfit plan``'s
+        report) instead of raising :class:`BudgetError`."""
+        self.infeasible: list[str] = []
+        """The messages of the graphs no plan fitted (``strict=False``)."""
 
     def __repr__(self) -> str:
         return f"memfit.backend({self.options})"
@@ -250,7 +255,11 @@ class MemfitBackend:
                 progress=self.progress,
             )
         except planner.Infeasible as e:
-            raise BudgetError(e.smallest_peak, budget, margin, hints=self._hints()) from None
+            err = BudgetError(e.smallest_peak, budget, margin, hints=self._hints(e.smallest_peak, margin))
+            if e.smallest is not None:  # for a report of what does not fit (strict=False)
+                fw, bw = e.result
+                err.fallback = (e.smallest, (fw, bw, *analyse(fw, bw)))
+            raise err from None
         return plan, (fw, bw, *analyse(fw, bw))
 
     @property
@@ -491,6 +500,11 @@ class MemfitBackend:
             except BudgetError as e:
                 smallest.append(e.smallest_peak)
                 notes.append(f"checkpoint: smallest reachable peak {format_bytes(e.smallest_peak)}, over the budget")
+                if e.fallback is not None:
+                    plan, (fw, bw, pair, analysis) = e.fallback
+                    c = Candidate("checkpoint (smallest peak)", fw, bw, pair, analysis, plan=plan, joint=joint)
+                    c.curve = plan.frontier
+                    cands.append(c)
             except CantApply as e:
                 notes.append(f"checkpoint: not applied: {e.reason}")
         if rewritable is not None:
@@ -529,14 +543,18 @@ class MemfitBackend:
                         smallest.append(e.smallest_peak)
                     except CantApply as e:
                         notes.append(f"fewbit + checkpoint: not applied: {e.reason}")
-        fits = [c for c in cands if c.peak <= budget]
+        fits = [c for c in cands if c.peak <= budget and "smallest peak" not in c.label]
         exact = min((c for c in fits if c.exact), key=lambda c: c.time_s, default=None)
         approx = min((c for c in fits if not c.exact), key=lambda c: c.time_s, default=None)
         chosen = exact if exact is not None and (approx is None or exact.time_s <= 1.02 * approx.time_s) else approx
         if chosen is None:
-            raise BudgetError(
-                min(smallest), budget, INDUCTOR_PLAN_MARGIN if self._fused else 1.0, hints=self._hints()
-            )
+            margin = INDUCTOR_PLAN_MARGIN if self._fused and "checkpoint" in self._passes else 1.0
+            err = BudgetError(min(smallest), budget, margin, hints=self._hints(min(smallest), margin))
+            if self.strict:
+                raise err
+            chosen = min(cands, key=lambda c: c.peak)
+            notes.append(f"does not fit: {err}")
+            self.infeasible.append(str(err))
         rows = [c.row(budget, chosen=c is chosen) for c in cands]
         notes.extend(chosen.notes)
         considered = ", ".join(
@@ -553,11 +571,18 @@ class MemfitBackend:
             )
         return chosen, rows
 
-    def _hints(self) -> list[str]:
+    def _hints(self, smallest: int | None = None, margin: float = 1.0) -> list[str]:
         """What else could make a step fit (for the error when no plan does)."""
         from memfit.passes import APPROXIMATE
 
         hints = []
+        sb = self.step_budget()
+        if smallest is not None and sb.device_memory is not None:
+            need = sb.resident_bytes + smallest / margin
+            hints.append(
+                f"a device of at least {format_bytes(need)} ({format_bytes(sb.resident_bytes)} resident + the smallest "
+                f"plannable step), or less resident memory (a lighter optimizer state, sharding)"
+            )
         if not self.options.allow_approximation and any(p not in self._passes for p in APPROXIMATE):
             hints.append(
                 "allow approximation (allow_approximation=True, or --allow-approximation): few-bit activation "
@@ -658,8 +683,10 @@ class MemfitBackend:
         return plan
 
     def _check_budget(self, record: GraphRecord) -> None:
-        budget = self.options.budget
+        budget = record.budget.budget if record.budget is not None else self.options.budget
         peak = record.analysis.memory.peak_bytes
+        if any(n.startswith("does not fit") for n in record.notes):
+            return  # strict=False: the smallest-peak plan was kept, and the note says so
         if budget is not None and peak > budget:
             msg = (
                 f"memfit: graph {record.name} has a predicted step peak of {format_bytes(peak)}, over the "
@@ -832,6 +859,7 @@ class BudgetError(ShortenTraceback):
         self.smallest_peak = smallest_peak
         self.budget = budget
         self.hints = tuple(hints)
+        self.fallback = None
         if message is None:
             extra = ""
             if margin < 1.0:

@@ -167,7 +167,7 @@ def _plan(args: argparse.Namespace) -> int:
         if not args.debug:
             warnings.simplefilter("ignore")
         try:
-            be, _ = trace_step(args.target, progress=progress, curve_points=8, **_plan_options(args))
+            be, _ = trace_step(args.target, progress=progress, curve_points=8, strict=False, **_plan_options(args))
         finally:
             progress.done()
     rep = rp.build_report(be, title=args.title or args.target)
@@ -181,7 +181,9 @@ def _plan(args: argparse.Namespace) -> int:
             f"  {'fits' if c['fits'] else 'over'}{'' if c['exact'] else ' (approximate)'}"
         )
     print(f"wrote {', '.join(paths)}", file=sys.stderr)
-    return EXIT_OK if rep["fits"] else EXIT_DOES_NOT_FIT
+    for msg in be.infeasible:
+        print(msg, file=sys.stderr)
+    return EXIT_OK if rep["fits"] and not be.infeasible else EXIT_DOES_NOT_FIT
 
 
 def _bench(args: argparse.Namespace) -> int:

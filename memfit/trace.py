@@ -134,12 +134,13 @@ def build_step(factory: Callable[[], Any], *, fake: bool = True) -> tuple[torch.
 
 
 def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], None] | None = None,
-               curve_points: int = 0, **options: Any):
+               curve_points: int = 0, strict: bool = True, **options: Any):
     """Trace (and, with a budget, plan) one training step of a factory's model on fake tensors.
 
     Returns ``(backend, param_bytes)``: the backend holds a record of every graph. ``options`` are backend
     options; ``progress`` gets a line at each stage; ``curve_points``: checkpoint plans to evaluate per
-    graph for the report's budget-vs-time curve.
+    graph for the report's budget-vs-time curve; ``strict=False``: a graph no plan fits keeps its
+    smallest-peak plan and the reason (``backend.infeasible``) instead of raising ``BudgetError``.
     """
     from memfit.backend import BudgetError, MemfitBackend
 
@@ -154,6 +155,7 @@ def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], Non
     be = MemfitBackend(opts)
     be.progress = progress
     be.curve_points = curve_points
+    be.strict = strict
     step = _Step(model, loss_fn).train(model.training)
     torch._dynamo.reset()
     if progress:

@@ -81,9 +81,12 @@ class Probe:
 
 
 class Infeasible(Exception):
-    def __init__(self, smallest_peak: int, budget: int):
+    def __init__(self, smallest_peak: int, budget: int, smallest: "CheckpointPlan | None" = None, result: object = None):
         self.smallest_peak = smallest_peak
         self.budget = budget
+        self.smallest = smallest
+        """The plan of the smallest peak (for a report of what does not fit), and its ``evaluate`` result."""
+        self.result = result
         super().__init__(f"smallest reachable peak {smallest_peak} > budget {budget}")
 
 
@@ -272,7 +275,13 @@ def plan(
     hi = run(None)  # no limit: the fastest plan (saves everything it needs)
     best = min((p for p in (lo, hi) if p.peak <= budget), key=lambda p: p.cost, default=None)
     if best is None and lo.peak > budget:
-        raise Infeasible(min(p.peak for p in probes), budget)
+        low = min(probes, key=lambda p: p.peak)
+        smallest = CheckpointPlan(
+            saved=low.saved, recomputed=low.recomputed, budget=budget, predicted_peak=low.peak,
+            recompute_time_s=low.cost, saved_bytes=low.saved_bytes, probes=len(probes),
+            plan_time_s=time.perf_counter() - t0, frontier=tuple(sorted({(p.peak, p.cost) for p in probes})),
+        )
+        raise Infeasible(low.peak, budget, smallest, low.result)
     if hi.peak > budget:
         a, b = float(lo.saved_bytes), float(hi.saved_bytes)
         # 1% of the saved bytes: finer steps move the peak by less than the model's error

@@ -155,14 +155,14 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     before = analyze_pairs(before_pairs, device=backend.options.device, fused=fused)
     sb = records[-1].budget
     budget = sb.budget if sb is not None else None
-    fits = budget is None or after.memory.peak_bytes <= budget
+    fits = (budget is None or after.memory.peak_bytes <= budget) and not getattr(backend, "infeasible", None)
     decisions = [d for r in records for d in r.decisions]
     candidates = [dict(c, graph=r.name) for r in records for c in r.candidates]
     reasons = [
         f"{r.name}: {n}"
         for r in records
         for n in r.notes
-        if any(k in n for k in ("not applied", "left exact", "kept as one call", "no memory pass", "over the budget", "not needed", "no activation"))
+        if any(k in n for k in ("not applied", "left exact", "kept as one call", "no memory pass", "over the budget", "not needed", "no activation", "does not fit"))
     ]
     notes = [f"{r.name}: {n}" for r in records for n in r.notes]
     # the budget-vs-time curve of the graph with the largest peak (the one a budget binds)
@@ -192,6 +192,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
         "timeline_before": _timeline(before),
         "timeline_after": _timeline(after),
         "measured": _measured(measured),
+        "infeasible": list(getattr(backend, "infeasible", [])),
     }
     rep["verdict"] = verdict(rep)
     return rep
@@ -258,7 +259,7 @@ def verdict(rep: dict) -> str:
         where += f" ({format_bytes(bud['device_memory'])} device − {format_bytes(resident)} resident)"
     if rep["fits"]:
         return f"{head}, fits in {where}"
-    return f"{head}, does NOT fit in {where}"
+    return f"{head}, does NOT fit in {where}" + ("; what would: see below" if rep.get("infeasible") else "")
 
 
 # -- writers ---------------------------------------------------------------------------------
@@ -415,8 +416,8 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24
 h1{font-size:20px;margin:0 0 8px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
 #verdict{font-size:22px;font-weight:600;padding:14px 18px;border-radius:8px;margin:12px 0}
 #verdict.fits{background:#dafbe1;border:1px solid #4ac26b} #verdict.nofit{background:#ffebe9;border:1px solid #ff8182}
-table{border-collapse:collapse;width:100%;font-size:13px} th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa;cursor:pointer;user-select:none} td.num{text-align:right;white-space:nowrap} code{font-size:12px}
+table{border-collapse:collapse;width:100%;font-size:13px} th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f6f8fa;cursor:pointer;user-select:none} td.num{text-align:right;white-space:nowrap} code{font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere}
 .muted{color:#59636e} .approx{color:#9a6700;font-weight:600} svg{max-width:100%;height:auto}
 """
 

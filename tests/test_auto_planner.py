@@ -1,0 +1,148 @@
+"""passes="auto": one planner choosing among the passes per graph; budget semantics; infeasible budgets.
+
+Numerics: the exact choice gives eager's gradients. Structure: the candidates compared and the one chosen,
+by the rule (least predicted time among those that fit, exact preferred within 2%). Effect: the measured
+peak is under the budget (+2%), and device_memory subtracts exactly the resident bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memfit
+from helpers import build, loss_and_grads
+from memfit.backend import BudgetError
+from memfit.config import make_options
+from memfit.measure import measure, training_step
+from memfit.planner.budget import OPTIMIZER_STATES, step_budget
+
+
+def _mlp(batch=256, width=128, depth=4):
+    import mlp
+
+    return mlp.factory(batch=batch, width=width, depth=depth)
+
+
+def _peak_unplanned(model, inputs, inner="eager"):
+    be = memfit.backend(passes=[], inner=inner)
+    torch.compile(copy.deepcopy(model), backend=be)(*inputs).backward()
+    return be.records[-1].analysis.memory.peak_bytes
+
+
+def test_options_validate_budget_semantics():
+    with pytest.raises(ValueError, match="either budget= .* or device_memory="):
+        make_options(budget="1GiB", device_memory="80GB")
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'; accepted: .*adamw"):
+        make_options(device_memory="80GB", optimizer="adamx")
+    with pytest.raises(ValueError, match="allow_approximation=1 must be True or False"):
+        make_options(allow_approximation=1)
+    assert make_options(device_memory="80GB", optimizer="AdamW").optimizer == "adamw"
+
+
+def test_step_budget_subtracts_parameters_and_optimizer_state():
+    sb = step_budget(budget=None, device_memory=80 * 10**9, param_bytes=16 * 2**30, optimizer="adamw")
+    assert sb.budget == 80 * 10**9 - 3 * 16 * 2**30
+    assert sb.resident_bytes == 3 * 16 * 2**30 and OPTIMIZER_STATES["adamw"] == 2
+    assert "16.00 GiB parameters" in sb.describe() and "32.00 GiB adamw state" in sb.describe()
+    none = step_budget(budget=None, device_memory=2**30, param_bytes=2**20, optimizer=None)
+    assert none.budget == 2**30 - 2**20 and "none counted" in none.describe()
+    assert step_budget(budget=123, device_memory=None, param_bytes=5, optimizer="adamw").budget == 123
+
+
+def test_device_memory_budget_in_the_backend_and_resident_too_large():
+    model, inputs = _mlp()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    step = _peak_unplanned(model, inputs)
+    want = int(0.8 * step)
+    be = memfit.backend(device_memory=3 * params + want, optimizer="adam", inner="eager")
+    torch.compile(model, backend=be)(*inputs).backward()
+    rec = be.records[-1]
+    assert rec.budget.budget == want  # exactly what the device leaves after params + 2 Adam states
+    assert rec.plan is not None and rec.analysis.memory.peak_bytes <= want
+    with pytest.raises(BudgetError, match="already fills the device memory"):
+        torch._dynamo.reset()
+        be2 = memfit.backend(device_memory=2 * params, optimizer="adamw", inner="eager")
+        torch.compile(copy.deepcopy(model), backend=be2)(*inputs)
+
+
+def test_auto_without_approximation_is_exact_and_matches_eager():
+    model, args, kwargs = build("gpt")
+    peak = _peak_unplanned(model, args)
+    be = memfit.backend(budget=int(0.7 * peak), inner="eager")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=be)
+    loss_ref, grads_ref = loss_and_grads(ref, args, kwargs)
+    loss, grads = loss_and_grads(compiled, args, kwargs)
+    torch.testing.assert_close(loss, loss_ref, rtol=1.3e-6, atol=1e-5)
+    for k in grads_ref:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1.3e-6, atol=1e-5)
+    rec = be.records[-1]
+    labels = [c["label"] for c in rec.candidates]
+    assert labels == ["unchanged", "checkpoint"]  # few-bit is not even evaluated without permission
+    assert rec.fewbit is None and rec.plan is not None and [c["chosen"] for c in rec.candidates] == [False, True]
+    assert not any(d["technique"] == "fewbit" for d in rec.decisions)
+
+
+def _chosen_by_rule(cands):
+    fits = [c for c in cands if c["fits"]]
+    exact = min((c for c in fits if c["exact"]), key=lambda c: c["time_s"], default=None)
+    approx = min((c for c in fits if not c["exact"]), key=lambda c: c["time_s"], default=None)
+    if exact is not None and (approx is None or exact["time_s"] <= 1.02 * approx["time_s"]):
+        return exact
+    return approx
+
+
+@pytest.mark.parametrize(
+    "fraction, device, expect_exact",
+    [
+        (0.85, "cpu", True),  # on CPU the few-bit ops run their torch reference: slow, never chosen
+        (0.65, "cpu", True),
+        (0.8, "h100", True),  # few-bit predicted faster, but by less than 2%: exact preferred
+        (0.7, "h100", False),  # checkpointing recomputes more than the few-bit codes cost
+    ],
+)
+def test_auto_with_approximation_chooses_least_predicted_time_that_fits(fraction, device, expect_exact):
+    model, inputs = _mlp(batch=512, width=256, depth=4)
+    peak = _peak_unplanned(model, inputs)
+    budget = int(fraction * peak)
+    be = memfit.backend(budget=budget, inner="eager", allow_approximation=True, device=device)
+    compiled = torch.compile(model, backend=be)
+    m = measure(training_step(compiled, inputs), repeat=1, warmup=1)
+    rec = be.records[-1]
+    cands = rec.candidates
+    labels = [c["label"] for c in cands]
+    assert labels[0] == "unchanged" and "checkpoint" in labels
+    assert any(lbl.startswith("fewbit") for lbl in labels), labels  # approximation was considered
+    chosen = [c for c in cands if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0] is _chosen_by_rule(cands)
+    assert chosen[0]["fits"] and chosen[0]["peak"] <= budget
+    assert m.peak_bytes <= 1.02 * budget  # measured, eager inner: the model is exact there
+    assert chosen[0]["exact"] == expect_exact
+    if not chosen[0]["exact"]:
+        assert rec.fewbit is not None and any("approximate" in n for n in rec.notes)
+        assert any(d["technique"] == "fewbit" for d in rec.decisions)
+
+
+def test_infeasible_budget_names_the_smallest_peak_and_what_would_help():
+    model, args, kwargs = build("gpt")
+    be = memfit.backend(budget=1024, inner="eager")
+    with pytest.raises(BudgetError) as e:
+        torch.compile(model, backend=be)(*args)
+    msg = str(e.value)
+    assert f"({e.value.smallest_peak} bytes)" in msg and e.value.smallest_peak > 1024
+    assert "allow approximation" in msg and "pipeline stages" in msg
+
+
+def test_non_strict_keeps_the_smallest_peak_plan_and_says_why():
+    model, args, kwargs = build("gpt")
+    be = memfit.backend(budget=1024, inner="eager")
+    be.strict = False
+    torch.compile(model, backend=be)(*args).backward()
+    rec = be.records[-1]
+    assert be.infeasible and "no plan fits the budget" in be.infeasible[0]
+    smallest = min(c["peak"] for c in rec.candidates)
+    assert rec.analysis.memory.peak_bytes == smallest
+    assert any(n.startswith("does not fit") for n in rec.notes)
