@@ -122,7 +122,12 @@ def test_budget_that_fits_changes_nothing():
     be = memfit.backend(inner="eager", budget="10GiB")
     loss_and_grads(torch.compile(model, backend=be), args, kwargs)
     (rec,) = be.records
-    assert rec.plan is None and any("checkpoint: not needed" in n for n in rec.notes)
+    assert rec.plan is None and any(n.startswith("fits unchanged") for n in rec.notes)
+    assert [c["label"] for c in rec.candidates] == ["unchanged"] and rec.candidates[0]["chosen"]
+    torch._dynamo.reset()
+    be = memfit.backend(inner="eager", budget="10GiB", passes=["checkpoint"])  # named: the pass says so itself
+    loss_and_grads(torch.compile(copy.deepcopy(model), backend=be), args, kwargs)
+    assert be.records[-1].plan is None and any("checkpoint: not needed" in n for n in be.records[-1].notes)
 
 
 def test_recompute_chains_stay_inside_a_layer():

@@ -24,7 +24,6 @@ import re
 from collections import OrderedDict
 from typing import Any, Sequence
 
-import torch
 
 from memfit.config import format_bytes
 from memfit.planner.cost import is_view, node_vals, tensor_bytes
