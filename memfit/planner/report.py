@@ -440,6 +440,12 @@ document.body.dataset.ready = '1';
 """
 
 
+def _thead(table_id: str, headers: Sequence[str]) -> str:
+    """The opening of a sortable table (its header cells sort the rows when clicked)."""
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    return f"<table id='{table_id}' class='sortable'><thead><tr>{cells}</tr></thead><tbody>"
+
+
 def to_html(rep: dict) -> str:
     e = html.escape
     timeline, curve = _plots(rep)
@@ -468,10 +474,7 @@ def to_html(rep: dict) -> str:
     H.append(f"<h2>Memory over the step</h2><div id='plot'>{timeline}</div>")
     H.append("<h2>Decisions</h2>")
     if rep["decision_groups"]:
-        H.append(
-            "<table id='decisions' class='sortable'><thead><tr><th>technique</th><th>action</th><th>op</th><th>module</th>"
-            "<th>layers</th><th>count</th><th>bytes</th><th>source</th></tr></thead><tbody>"
-        )
+        H.append(_thead("decisions", ("technique", "action", "op", "module", "layers", "count", "bytes", "source")))
         for g in rep["decision_groups"]:
             approx = " class='approx'" if g["technique"] == "fewbit" else ""
             H.append(
@@ -484,10 +487,8 @@ def to_html(rep: dict) -> str:
     else:
         H.append("<p id='decisions'>No pass changed the graphs: the step fits as plain <code>torch.compile</code> partitions it, or no pass applied (see the reasons below).</p>")
     if rep["candidates"]:
-        H.append(
-            "<h2>What the planner compared</h2><table id='candidates' class='sortable'><thead><tr><th>graph</th><th>combination</th>"
-            "<th>predicted peak</th><th>predicted time</th><th>fits</th><th>exact</th><th>chosen</th></tr></thead><tbody>"
-        )
+        H.append("<h2>What the planner compared</h2>")
+        H.append(_thead("candidates", ("graph", "combination", "predicted peak", "predicted time", "fits", "exact", "chosen")))
         for c in rep["candidates"]:
             H.append(
                 f"<tr><td>{e(c['graph'])}</td><td>{e(c['label'])}</td><td class='num' data-v='{c['peak']}'>{format_bytes(c['peak'])}</td>"
