@@ -107,8 +107,14 @@ class Candidate:
     fewbit: Any = None
     joint: Any = None
     exact: bool = True
+    over_budget: bool = False
+    """The smallest-peak plan kept because none fits (its fused peak may still be under the budget: it
+    missed the plan's margin)."""
     notes: list[str] = field(default_factory=list)
     curve: tuple = ()
+
+    def fits(self, budget: int | None) -> bool:
+        return budget is None or (not self.over_budget and self.peak <= budget)
 
     @property
     def peak(self) -> int:
@@ -123,7 +129,7 @@ class Candidate:
             "label": self.label,
             "peak": self.peak,
             "time_s": self.time_s,
-            "fits": budget is None or self.peak <= budget,
+            "fits": self.fits(budget),
             "exact": self.exact,
             "chosen": chosen,
             "curve": [list(p) for p in self.curve],
@@ -256,7 +262,7 @@ class MemfitBackend:
             )
         except planner.Infeasible as e:
             err = BudgetError(e.smallest_peak, budget, margin, hints=self._hints(e.smallest_peak, margin))
-            if e.smallest is not None:  # for a report of what does not fit (strict=False)
+            if e.smallest is not None and not self.strict:  # for a report of what does not fit
                 fw, bw = e.result
                 err.fallback = (e.smallest, (fw, bw, *analyse(fw, bw)))
             raise err from None
@@ -305,13 +311,17 @@ class MemfitBackend:
             gm, example_inputs, joint_partitioner="mincut", decompositions=self._decompositions(), joint_passes=True
         )
 
-    def step_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
-        """One analysis of a step made of the training graphs compiled so far, in the order a step runs
-        them. A recompile of the same code (same Dynamo frame) replaces its earlier version."""
+    def latest_records(self) -> list[GraphRecord]:
+        """The training graphs of one step, in the order a step runs them: a recompile of the same code
+        (same Dynamo frame) replaces its earlier version."""
         latest: dict[Any, GraphRecord] = {}  # keeps the order in which frames first compiled
         for i, r in enumerate(self.records):
             latest[r.frame if r.frame is not None else f"#{i}"] = r
-        pairs = [r.pair for r in latest.values()]
+        return list(latest.values())
+
+    def step_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
+        """One analysis of a step made of the training graphs compiled so far (see ``latest_records``)."""
+        pairs = [r.pair for r in self.latest_records()]
         analysis = analyze_pairs(pairs, device=self.options.device, param_bytes=param_bytes, fused=self._fused)
         if len(pairs) > 1:
             analysis.notes.append(
@@ -502,7 +512,9 @@ class MemfitBackend:
                 notes.append(f"checkpoint: smallest reachable peak {format_bytes(e.smallest_peak)}, over the budget")
                 if e.fallback is not None:
                     plan, (fw, bw, pair, analysis) = e.fallback
-                    c = Candidate("checkpoint (smallest peak)", fw, bw, pair, analysis, plan=plan, joint=joint)
+                    c = Candidate(
+                        "checkpoint (smallest peak)", fw, bw, pair, analysis, plan=plan, joint=joint, over_budget=True
+                    )
                     c.curve = plan.frontier
                     cands.append(c)
             except CantApply as e:
@@ -543,7 +555,7 @@ class MemfitBackend:
                         smallest.append(e.smallest_peak)
                     except CantApply as e:
                         notes.append(f"fewbit + checkpoint: not applied: {e.reason}")
-        fits = [c for c in cands if c.peak <= budget and "smallest peak" not in c.label]
+        fits = [c for c in cands if c.fits(budget)]
         exact = min((c for c in fits if c.exact), key=lambda c: c.time_s, default=None)
         approx = min((c for c in fits if not c.exact), key=lambda c: c.time_s, default=None)
         chosen = exact if exact is not None and (approx is None or exact.time_s <= 1.02 * approx.time_s) else approx

@@ -142,13 +142,10 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     from memfit import __version__
     from memfit.planner.analysis import analyze_pairs
 
-    latest: "OrderedDict[Any, Any]" = OrderedDict()
-    for i, r in enumerate(backend.records):
-        latest[r.frame if r.frame is not None else f"#{i}"] = r
-    records = list(latest.values())
+    records = backend.latest_records()
     if not records:
         raise ValueError("no training graph was compiled: nothing to report")
-    fused = backend.options.inner == "inductor"
+    fused = backend._fused
     after = analyze_pairs([r.pair for r in records], device=backend.options.device, fused=fused)
     before_pairs = [r.before_pair or r.pair for r in records]
     before = analyze_pairs(before_pairs, device=backend.options.device, fused=fused)
