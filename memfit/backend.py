@@ -175,6 +175,8 @@ class MemfitBackend:
         report) instead of raising :class:`BudgetError`."""
         self.infeasible: list[str] = []
         """The messages of the graphs no plan fitted (``strict=False``)."""
+        self._pending_notes: list[str] = []  # from passes run before AOTAutograd (stream), for the next record
+        self._stream_plans: list = []
 
     def __repr__(self) -> str:
         return f"memfit.backend({self.options})"
@@ -185,9 +187,30 @@ class MemfitBackend:
             self.inference_graphs += 1
             return self._inner_inference(gm, example_inputs)
         self._note_inputs(example_inputs)
+        if "stream" in self._passes:
+            gm = self._stream(gm, example_inputs)
         if self.options.inner == "eager":
             return self._compile_eager(gm, example_inputs)
         return self._compile_inductor(gm, example_inputs)
+
+    def _stream(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+        """Run the stream pass on the Dynamo graph (before AOTAutograd); its notes go to the graph's record."""
+        from memfit.passes import stream as sp
+        from memfit.planner.stream import plan_stream
+
+        try:
+            traced = sp.to_aten(gm, example_inputs)
+            plan, info = plan_stream(traced, example_inputs, self.options, sp.needs_grad(traced, example_inputs))
+            self._pending_notes.extend(plan.notes)
+            if not plan.regions:
+                raise CantApply("no token-wise region with a matmul or a softmax")
+            sp.apply(traced, plan, sp.needs_grad(traced, example_inputs), info.layout)
+        except CantApply as e:
+            self._pending_notes.append(f"stream: not applied: {e.reason}")
+            warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=2)
+            return gm
+        self._stream_plans.append(plan)
+        return traced
 
     def _note_inputs(self, example_inputs: Sequence[Any]) -> None:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
@@ -389,7 +412,8 @@ class MemfitBackend:
             pair = GraphPair(fw, bw, num_fwd_outputs, name, params)
             return pair, analyze_pairs([pair], device=self.options.device, fused=self._fused)
 
-        notes: list[str] = []
+        notes: list[str] = list(self._pending_notes)
+        self._pending_notes.clear()
         rewritable = None
         if "fewbit" in self._passes:
             from memfit.passes import fewbit as fewbit_pass

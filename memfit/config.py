@@ -115,6 +115,10 @@ class Options:
     """The optimizer whose state is resident (``"adamw"``: two tensors per parameter), counted when
     ``device_memory`` is given; ``None``: none counted (the report says so)."""
 
+    stream_chunks: int | None = None
+    """Chunks per streamed region (the ``"stream"`` pass); ``None``: the planner picks, the fewest that
+    bring each region's chunk below one full-sequence hidden state (and, with a budget, under it)."""
+
     allow_approximation: bool = False
     """Let ``passes="auto"`` use the approximate few-bit activation gradients where they make the step
     fit, or fit faster, than the exact techniques alone; every site used is listed in the report."""
@@ -204,8 +208,13 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
     if not isinstance(approx, bool):
         raise ValueError(f"allow_approximation={approx!r} must be True or False")
 
+    chunks = merged.get("stream_chunks")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"stream_chunks={chunks!r} must be a positive int (or None: let the planner pick)")
+
     return Options(
         budget=budget,
+        stream_chunks=chunks,
         passes=passes,
         device=device,
         inner=inner,

@@ -19,6 +19,7 @@ PASSES: dict[str, str] = {
     "checkpoint": "memfit.passes.checkpoint",  # save or recompute each forward value (exact)
     "fewbit": "memfit.passes.fewbit",  # few-bit activation derivatives (approximate: only when named)
     "split_backward": "memfit.passes.split_backward",  # backward as B (input grads) + queued W (weight grads)
+    "stream": "memfit.passes.stream",  # token-wise regions run in chunks along the sequence (exact)
 }
 
 #: Passes that change gradients; ``passes="auto"`` never runs them.
@@ -26,6 +27,6 @@ APPROXIMATE = frozenset({"fewbit"})
 
 #: Exact passes that change *when* gradients arrive (W is queued until run): only when named, or
 #: by the pipeline-stage adapter (``memfit.pipelining``); ``passes="auto"`` never runs them.
-OPT_IN = frozenset({"split_backward"})
+OPT_IN = frozenset({"split_backward", "stream"})
 
 __all__ = ["APPROXIMATE", "OPT_IN", "PASSES", "CantApply"]

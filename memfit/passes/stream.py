@@ -1,0 +1,616 @@
+"""Carry out a :class:`~memfit.planner.stream.StreamPlan`: each region becomes one opaque op that
+runs the region chunk by chunk along the sequence, in the forward and in the backward.
+
+The rewrite is made on the Dynamo graph, traced to ATen ops (``to_aten``), before AOTAutograd. A
+region is replaced by ``memfit::stream(key, inputs) -> outputs``, a custom op whose autograd formula
+is ``memfit::stream_backward``. Both are opaque to AOTAutograd and Inductor, so:
+
+* the forward saves only the region's inputs (the partitioner sees nothing else to save);
+* the chunks really run one after another: Inductor cannot fuse them back into one kernel (it does
+  when chunks are plain slices in one graph: that is why its own auto-chunker wraps each chunk in a
+  subgraph); ``benchmarks/stream.py`` measures the peak to prove it;
+* each chunk runs two small ATen graphs traced at compile time — ``forward(c)`` and ``backward(c)``
+  (the chunk's VJP, traced with ``make_fx`` through ``autograd.grad``), so no autograd runs at step time.
+
+When the region's only differentiable output is a token reduction (the loss), the chunk's backward
+runs in the forward right after the chunk (``grad_in_forward``; Liger's fused linear cross-entropy does
+the same by hand): the op returns the loss and the gradients of its inputs for a unit incoming
+gradient, and the backward multiplies them by the incoming gradient. Nothing is recomputed.
+
+The memory model sees the op's outputs as usual plus its chunk's own peak (``SCRATCH``), and the cost
+model prices it as its chunk graphs times the chunk count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memfit.passes import CantApply
+from memfit.planner.stream import MEAN, NLL, SUM, RegionPlan, StreamPlan, Tok, _Info, find_regions, seq_len_of
+
+aten = torch.ops.aten
+
+#: key -> _Region, for the custom ops (a compiled graph holds only the key)
+REGISTRY: dict[str, "_Region"] = {}
+_keys = itertools.count()
+
+
+# -- the traced forward graph ------------------------------------------------------------------------
+def fake_inputs(example_inputs: Sequence[Any], mode: FakeTensorMode) -> list:
+    """Static fake copies of the inputs in ``mode`` (real or fake from another mode), keeping requires_grad."""
+    out = []
+    with mode:
+        for x in example_inputs:
+            if isinstance(x, torch.Tensor):
+                f = torch.empty_strided(tuple(int(s) for s in x.shape), tuple(int(s) for s in x.stride()),
+                                        dtype=x.dtype, device=x.device)
+                out.append(f.requires_grad_(True) if x.requires_grad else f)
+            else:
+                out.append(x)
+    return out
+
+
+def to_aten(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """The Dynamo graph traced to ATen ops with static shapes (``meta['val']`` on every node).
+
+    A fresh FakeTensorMode with no ShapeEnv: tracing under Dynamo's own mode records ``sym_size``
+    nodes and adds guards to Dynamo's ShapeEnv that it then fails to build (seen on HF Llama).
+    """
+    mode = FakeTensorMode()
+    fakes = fake_inputs(example_inputs, mode)
+    with mode:
+        traced = make_fx(gm, tracing_mode="real")(*fakes)
+    traced.graph.eliminate_dead_code()
+    traced.recompile()
+    return traced
+
+
+def needs_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set:
+    out = set()
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, x in zip(ph, example_inputs):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            out.add(n)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and any(a in out for a in n.all_input_nodes):
+            v = n.meta.get("val")
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            if any(isinstance(t, torch.Tensor) and (t.dtype.is_floating_point or t.dtype.is_complex) for t in vals):
+                out.add(n)
+    return out
+
+
+# -- one region at run time ----------------------------------------------------------------------------
+@dataclass
+class _Acc:
+    """A token reduction of the region: each chunk adds its partial sum ``S`` (and ``W`` for nll)."""
+
+    node: str
+    kind: str
+    count: int = 1  # mean: the number of elements averaged
+    shape: tuple = ()
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class _Region:
+    plan: RegionPlan
+    seq: int
+    body: torch.fx.GraphModule
+    """The region as a graph of its own, on full-size inputs: the chunk graphs are traced from it."""
+    input_layouts: tuple
+    needs: tuple[bool, ...]
+    """Per input: whether the backward returns its gradient."""
+    tok_outputs: list
+    """(index in the op's outputs, Tok, full shape, dtype) of the outputs assembled from chunks."""
+    accs: list
+    outputs: list
+    """Per op output: ("tok", i) | ("acc", j, item) — how it is made."""
+    out_meta: list
+    diff: list = field(default_factory=list)
+    """The chunk graph outputs that get an incoming gradient: ("tok", i) or ("acc", j)."""
+    fwd: dict = field(default_factory=dict)
+    bwd: dict = field(default_factory=dict)
+    fwdbwd: dict = field(default_factory=dict)
+    scratch_fwd: int = 0
+    scratch_bwd: int = 0
+
+    # chunk ranges
+    def ranges(self):
+        c = math.ceil(self.seq / self.plan.chunks)
+        return [(s, min(s + c, self.seq)) for s in range(0, self.seq, c)]
+
+    def slice_inputs(self, xs, s, e):
+        return [lay.rows(x, self.seq, s, e) if isinstance(lay, Tok) else x for x, lay in zip(xs, self.input_layouts)]
+
+    # chunk graphs, traced on first use per chunk size
+    def _chunk_fakes(self, xs_meta, c, extra=()):
+        mode = FakeTensorMode()
+        with mode:
+            out = []
+            for (shape, dtype, device), lay in zip(xs_meta, self.input_layouts):
+                if isinstance(lay, Tok):
+                    shape = lay.chunk_shape(shape, self.seq, c)
+                out.append(torch.empty(shape, dtype=dtype, device=device))
+            out += [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in extra]
+        return mode, out
+
+    def chunk_forward_fn(self, c):
+        """A callable running the region on ``c`` tokens: token outputs, then each reduction's partials."""
+        body = self.body
+        seq = self.seq
+
+        def run(*xs):
+            env = {}
+            ph = iter(xs)
+            outs = []
+            for n in body.graph.nodes:
+                if n.op == "placeholder":
+                    env[n] = next(ph)
+                elif n.op == "output":
+                    break
+                else:
+                    args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+                    kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+                    env[n] = _run_chunked(n, args, kwargs, seq, c)
+            for kind, *rest in self._chunk_out_spec():
+                if kind == "tok":
+                    outs.append(env[self._node(rest[0])])
+                else:
+                    v = env[self._node(rest[0])]
+                    outs.extend(v if isinstance(v, (list, tuple)) else [v])
+            return tuple(outs)
+
+        return run
+
+    def _node(self, name):
+        return self._nodes[name]
+
+    def _chunk_out_spec(self):
+        return [("tok", name) for name in self._tok_names] + [("acc", a.node) for a in self.accs]
+
+    def xs_meta(self):
+        return self._xs_meta
+
+    def prepare(self) -> None:
+        """Trace the chunk graphs now, at compile time: the op's body runs below autograd, where
+        ``autograd.grad`` cannot be traced."""
+        for c in sorted({e - s for s, e in self.ranges()}):
+            if self.plan.grad_in_forward:
+                self.traced(self.fwdbwd, c, "fwdbwd")
+            else:
+                self.traced(self.fwd, c, "fwd")
+                self.traced(self.bwd, c, "bwd")
+
+    def traced(self, table, c, kind):
+        if c in table:
+            return table[c]
+        fn = self.chunk_forward_fn(c)
+        n_in = len(self.input_layouts)
+        if kind == "fwd":
+            mode, fakes = self._chunk_fakes(self._xs_meta, c)
+            with mode:
+                g = make_fx(fn, tracing_mode="real")(*fakes)
+        else:
+            diff_idx = self._diff_positions()
+            gmeta = []
+            mode, fakes0 = self._chunk_fakes(self._xs_meta, c)
+            with mode:
+                probe = fn(*fakes0)
+            for i in diff_idx:
+                gmeta.append((tuple(probe[i].shape), probe[i].dtype, probe[i].device))
+            extra = gmeta if kind == "bwd" else []
+            mode, fakes = self._chunk_fakes(self._xs_meta, c, extra)
+            needs = self.needs
+
+            def vjp(*args):
+                xs, gs = list(args[:n_in]), list(args[n_in:])
+                leaves = [x.detach().requires_grad_(True) if need else x for x, need in zip(xs, needs)]
+                with torch.enable_grad():
+                    outs = fn(*leaves)
+                targets = [outs[i] for i in diff_idx]
+                if kind == "fwdbwd":
+                    gs = [torch.ones_like(t) for t in targets]
+                wrt = [x for x, need in zip(leaves, needs) if need]
+                grads = torch.autograd.grad(targets, wrt, gs, allow_unused=True)
+                grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+                if kind == "fwdbwd":
+                    return tuple(o.detach() for o in outs) + tuple(grads)
+                return tuple(grads)
+
+            with mode:
+                g = make_fx(vjp, tracing_mode="real")(*fakes)
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        table[c] = g
+        return g
+
+    def _diff_positions(self):
+        """Positions, among the chunk graph's outputs, of those that get an incoming gradient."""
+        pos, out = 0, []
+        for kind, name in self._chunk_out_spec():
+            if kind == "tok":
+                if self._tok_diff[name]:
+                    out.append(pos)
+                pos += 1
+            else:
+                acc = next(a for a in self.accs if a.node == name)
+                if acc.dtype.is_floating_point and self._acc_diff[name]:
+                    out.append(pos)
+                pos += 2 if acc.kind in (NLL, SUM + "_nll") else 1
+        return out
+
+
+def _run_chunked(n, args, kwargs, seq, c):
+    """Run one region op on a chunk: shape arguments follow the chunk; mean-type reductions become sums."""
+    t = n.target
+    lay = n.meta.get("memfit_tok")
+    if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default) and isinstance(lay, Tok):
+        shape = lay.chunk_shape(n.meta["val"].shape, seq, c)
+        if t is aten.expand.default:
+            return t(args[0], shape)
+        # a chunk of an input is a strided slice: a view the whole tensor allowed may need a copy now
+        return aten.reshape.default(args[0], shape)
+    if t is aten.nll_loss_forward.default:
+        a = list(args)
+        a[3] = 2  # sum; the mean divides by the total weight after the last chunk
+        return t(*a, **kwargs)
+    if t is aten.mean.dim:
+        return aten.sum.dim_IntList(*args, **kwargs)
+    if t is aten.mean.default:
+        return aten.sum.default(*args, **kwargs)
+    if t is operator.getitem:
+        return args[0][args[1]]
+    return t(*args, **kwargs)
+
+
+# -- custom ops ----------------------------------------------------------------------------------------
+@torch.library.custom_op("memfit::stream", mutates_args=())
+def stream(key: str, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return REGISTRY[key].run_forward(xs)
+
+
+@stream.register_fake
+def _stream_fake(key, xs):
+    r = REGISTRY[key]
+    outs = [xs[0].new_empty_strided(shape, stride, dtype=dtype) for shape, dtype, stride in r.out_meta]
+    if r.plan.grad_in_forward:
+        outs += [torch.empty_like(x) for x, need in zip(xs, r.needs) if need]
+    return outs
+
+
+@torch.library.custom_op("memfit::stream_backward", mutates_args=())
+def stream_backward(key: str, xs: list[torch.Tensor], outs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return REGISTRY[key].run_backward(xs, outs, grads)
+
+
+@stream_backward.register_fake
+def _stream_backward_fake(key, xs, outs, grads):
+    r = REGISTRY[key]
+    return [torch.empty_like(x) for x, need in zip(xs, r.needs) if need]
+
+
+def _setup(ctx, inputs, output):
+    key, xs = inputs
+    r = REGISTRY[key]
+    ctx.key = key
+    n_out = len(r.out_meta)
+    if r.plan.grad_in_forward:
+        ctx.save_for_backward(*output[n_out:])
+    else:
+        small = [o for o, m in zip(output[:n_out], r.outputs) if m[0] == "acc"]
+        ctx.save_for_backward(*xs, *small)
+        ctx.n_in = len(xs)
+    ctx.n_xs = len(xs)
+
+
+def _backward(ctx, grads):
+    r = REGISTRY[ctx.key]
+    saved = ctx.saved_tensors
+    n_out = len(r.out_meta)
+    grads = list(grads)[:n_out]
+    if r.plan.grad_in_forward:
+        j = next(i for i, m in enumerate(r.outputs) if m[0] == "acc" and r._acc_diff[r.accs[m[1]].node] and m[2] == 0)
+        g = grads[j]
+        it = iter(saved)
+        out = [g * next(it) if need else None for need in r.needs]
+        return None, out
+    xs, small = list(saved[: ctx.n_in]), list(saved[ctx.n_in :])
+    full = [torch.zeros(shape, dtype=dtype, device=xs[0].device) if g is None else g
+            for g, (shape, dtype, _) in zip(grads, r.out_meta)]
+    got = iter(stream_backward(ctx.key, xs, small, full))
+    return None, [next(got) if need else None for need in r.needs]
+
+
+stream.register_autograd(_backward, setup_context=_setup)
+
+
+def _run_forward(self: _Region, xs):
+    device = xs[0].device
+    grad_mode = self.plan.grad_in_forward
+    # the outputs keep the strides the graph had for them (a later ``view`` may rely on them)
+    tok_full = [torch.empty_strided(shape, self.out_meta[i][2], dtype=dtype, device=device)
+                for (i, _, shape, dtype) in self.tok_outputs]
+    partial: list = [None] * sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs)
+    gfull = []
+    if grad_mode:
+        gfull = [torch.zeros_like(x) if isinstance(lay, Tok) else torch.zeros_like(x)
+                 for x, lay, need in zip(xs, self.input_layouts, self.needs) if need]
+    for s, e in self.ranges():
+        c = e - s
+        xc = self.slice_inputs(xs, s, e)
+        g = self.traced(self.fwdbwd if grad_mode else self.fwd, c, "fwdbwd" if grad_mode else "fwd")
+        res = list(g(*xc))
+        n_chunk_out = len(self._tok_names) + len(partial)
+        outs, gs = res[:n_chunk_out], res[n_chunk_out:]
+        for (i, lay, _, _), full, v in zip(self.tok_outputs, tok_full, outs):
+            lay.write(full, self.seq, s, e, v)
+        for j, v in enumerate(outs[len(self._tok_names):]):
+            partial[j] = v if partial[j] is None else partial[j] + v
+        if grad_mode:
+            k = 0
+            for x, lay, need in zip(xs, self.input_layouts, self.needs):
+                if not need:
+                    continue
+                if isinstance(lay, Tok):
+                    lay.write(gfull[k], self.seq, s, e, gs[k])
+                else:
+                    gfull[k] += gs[k]
+                k += 1
+    results = []
+    scale = None
+    for m in self.outputs:
+        if m[0] == "tok":
+            results.append(tok_full[m[1]])
+            continue
+        _, j, item = m
+        a = self.accs[j]
+        base = self._acc_offset(j)
+        S = partial[base]
+        if a.kind == NLL:
+            W = partial[base + 1]
+            results.append(S / W if item == 0 else W)
+            if item == 0:
+                scale = 1 / W
+        elif a.kind == SUM + "_nll":
+            results.append(S if item == 0 else partial[base + 1])
+        elif a.kind == MEAN:
+            results.append(S / a.count)
+            scale = 1.0 / a.count
+        else:
+            results.append(S)
+    if grad_mode:
+        if scale is None and any(a.kind in (NLL, MEAN) for a in self.accs):
+            for j, a in enumerate(self.accs):  # the normaliser of the differentiable reduction
+                base = self._acc_offset(j)
+                scale = 1 / partial[base + 1] if a.kind == NLL else 1.0 / a.count if a.kind == MEAN else scale
+        if scale is not None:
+            gfull = [g.mul_(scale) for g in gfull]
+        results += gfull
+    return results
+
+
+def _acc_offset(self: _Region, j: int) -> int:
+    return sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs[:j])
+
+
+def _run_backward(self: _Region, xs, small, grads):
+    device = xs[0].device
+    gfull = [torch.zeros_like(x) for x, need in zip(xs, self.needs) if need]
+    # the incoming gradient of each reduction's partial sum
+    acc_g = {}
+    k = 0
+    for m, g in zip(self.outputs, grads):
+        if m[0] != "acc":
+            continue
+        _, j, item = m
+        a = self.accs[j]
+        if item == 0:
+            if a.kind == NLL:
+                W = small[k + 1] if k + 1 < len(small) and self.outputs[self.outputs.index(m) + 1][0] == "acc" else None
+                acc_g[j] = g / self._nll_weight(small, j)
+            elif a.kind == MEAN:
+                acc_g[j] = g / a.count
+            else:
+                acc_g[j] = g
+        k += 1
+    for s, e in self.ranges():
+        c = e - s
+        xc = self.slice_inputs(xs, s, e)
+        gc = []
+        for kind, name in self._chunk_out_spec():
+            if kind == "tok":
+                if self._tok_diff[name]:
+                    i = self._tok_names.index(name)
+                    idx, lay, _, _ = self.tok_outputs[i]
+                    gc.append(lay.rows(grads[idx], self.seq, s, e))
+            else:
+                j = next(j for j, a in enumerate(self.accs) if a.node == name)
+                a = self.accs[j]
+                if a.dtype.is_floating_point and self._acc_diff[name]:
+                    gc.append(acc_g[j])
+        got = self.traced(self.bwd, c, "bwd")(*xc, *[t.contiguous() for t in gc])
+        k = 0
+        for x, lay, need in zip(xs, self.input_layouts, self.needs):
+            if not need:
+                continue
+            if isinstance(lay, Tok):
+                lay.write(gfull[k], self.seq, s, e, got[k])
+            else:
+                gfull[k] += got[k]
+            k += 1
+    return gfull
+
+
+def _nll_weight(self: _Region, small, j):
+    """The total weight (count of non-ignored targets) of reduction ``j``, among the saved small outputs."""
+    k = 0
+    for m in self.outputs:
+        if m[0] != "acc":
+            continue
+        if m[1] == j and m[2] == 1:
+            return small[k]
+        k += 1
+    raise RuntimeError("memfit stream: the nll normaliser was not saved")
+
+
+_Region.run_forward = _run_forward
+_Region.run_backward = _run_backward
+_Region._acc_offset = _acc_offset
+_Region._nll_weight = _nll_weight
+
+
+# -- the rewrite ---------------------------------------------------------------------------------------
+def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layouts: dict, by: dict) -> _Region:
+    g = torch.fx.Graph()
+    env: dict = {}
+    xs_meta = []
+    for name in rp.inputs:
+        a = by[name]
+        p = g.placeholder(name)
+        p.meta = dict(a.meta)
+        env[a] = p
+        v = a.meta["val"]
+        xs_meta.append((tuple(v.shape), v.dtype, v.device))
+    for name in rp.nodes:
+        n = by[name]
+        m = g.node_copy(n, lambda x: env[x])
+        lay = layouts.get(n)
+        if isinstance(lay, Tok):
+            m.meta["memfit_tok"] = lay
+        env[n] = m
+    tok_outputs, tok_names, accs, outputs, out_meta, out_nodes = [], [], [], [], [], []
+    acc_index: dict = {}
+
+    def acc_for(node, kind):
+        if node.name not in acc_index:
+            src, out = node.args[0].meta["val"], node.meta["val"]
+            out0 = out[0] if isinstance(out, (list, tuple)) else out
+            count = src.numel() // max(out0.numel(), 1)
+            acc_index[node.name] = len(accs)
+            accs.append(_Acc(node.name, kind, count, tuple(out0.shape), out0.dtype))
+        return acc_index[node.name]
+
+    for name, lay in zip(rp.outputs, rp.output_layouts):
+        n = by[name]
+        v = n.meta["val"]
+        if isinstance(lay, Tok):
+            outputs.append(("tok", len(tok_outputs)))
+            tok_outputs.append((len(outputs) - 1, lay, tuple(v.shape), v.dtype))
+            tok_names.append(name)
+        elif "[" in lay:  # an item of nll_loss_forward: (loss, total weight)
+            kind, item = lay.split("[")[0], int(lay.split("[")[1].rstrip("]"))
+            outputs.append(("acc", acc_for(n.args[0], kind), item))
+        else:
+            outputs.append(("acc", acc_for(n, lay), 0))
+        out_nodes.append(n)
+        out_meta.append((tuple(v.shape), v.dtype, tuple(v.stride())))
+    for j, a in enumerate(accs):  # the backward of a mean over nll needs its total weight
+        if a.kind in (NLL, SUM + "_nll") and ("acc", j, 1) not in outputs:
+            nll = by[a.node]
+            w = nll.meta["val"][1]
+            outputs.append(("acc", j, 1))
+            out_nodes.append(None)
+            out_meta.append((tuple(w.shape), w.dtype, tuple(w.stride())))
+    g.output(tuple(env[by[name]] for name in rp.nodes[-1:]))  # placeholder output; chunks pick their own
+    body = torch.fx.GraphModule(gm, g)
+    region = _Region(
+        plan=rp, seq=seq, body=body, input_layouts=rp.input_layouts,
+        needs=tuple(by[name] in need for name in rp.inputs),
+        tok_outputs=tok_outputs, accs=accs, outputs=outputs, out_meta=out_meta,
+    )
+    region._nodes = {n.name: n for n in body.graph.nodes}
+    region._tok_names = tok_names
+    region._tok_diff = {name: by[name] in need and by[name].meta["val"].dtype.is_floating_point for name in tok_names}
+    region._acc_diff = {a.node: by[a.node] in need for a in accs}
+    region._xs_meta = xs_meta
+    region._out_nodes = out_nodes
+    return region
+
+
+def _toposort(graph: torch.fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs (the op was put after the region's last node;
+    an outside user of an early region output may sit before it), keeping the order otherwise."""
+    done: set = set()
+    order: list = []
+
+    def visit(n):
+        stack = [(n, False)]
+        while stack:
+            x, expanded = stack.pop()
+            if x in done:
+                continue
+            if expanded:
+                done.add(x)
+                order.append(x)
+                continue
+            stack.append((x, True))
+            for a in reversed(x.all_input_nodes):
+                if a not in done:
+                    stack.append((a, False))
+
+    nodes = list(graph.nodes)
+    for n in nodes:
+        visit(n)
+    out = next(n for n in nodes if n.op == "output")
+    cursor = None
+    for n in order:
+        if n.op == "placeholder" or n is out:
+            continue
+        if cursor is None:
+            last_ph = [p for p in nodes if p.op == "placeholder"]
+            cursor = last_ph[-1] if last_ph else None
+            if cursor is None:
+                graph.inserting_before(nodes[0])
+        if cursor is not None:
+            cursor.append(n)
+        cursor = n
+
+
+def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) -> list[_Region]:
+    """Replace each region of ``plan`` in ``gm`` (an ATen graph from :func:`to_aten`) by one stream op."""
+    by = {n.name: n for n in gm.graph.nodes}
+    made = []
+    for rp in plan.regions:
+        region = _build(gm, rp, plan.seq_len, need, layouts, by)
+        region.prepare()
+        key = f"r{next(_keys)}"
+        REGISTRY[key] = region
+        last = by[rp.nodes[-1]]
+        region_nodes = {name: by[name] for name in rp.nodes}
+        with gm.graph.inserting_after(last):
+            op = gm.graph.call_function(torch.ops.memfit.stream.default, (key, [by[i] for i in rp.inputs]))
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            vals = [torch.empty_strided(shape, stride, dtype=dtype) for shape, dtype, stride in region.out_meta]
+        op.meta["val"] = vals
+        cursor = op
+        for i, n in enumerate(region._out_nodes):
+            with gm.graph.inserting_after(cursor):
+                item = gm.graph.call_function(operator.getitem, (op, i))
+            item.meta = dict(n.meta) if n is not None else {"val": vals[i]}
+            cursor = item
+            if n is not None:
+                n.replace_all_uses_with(item)
+                by[n.name] = item  # a later region may take it as an input
+                if n in need:
+                    need.add(item)
+        for name in reversed(rp.nodes):
+            node = region_nodes[name]
+            if node.users:
+                raise CantApply(f"stream region {rp.name}: {name} is still used outside the region by {list(node.users)}")
+            gm.graph.erase_node(node)
+        made.append(region)
+        region.key = key
+    _toposort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return made
