@@ -248,8 +248,15 @@ def _node_dtype(node: torch.fx.Node) -> torch.dtype:
     return torch.float32
 
 
+#: op -> ``f(node, profile) -> seconds`` for opaque ops that run graphs of their own (a stream op
+#: runs its chunk graphs). Filled in by the passes.
+EXTERNAL_TIME: dict = {}
+
+
 def node_time(node: torch.fx.Node, profile: DeviceProfile) -> float:
     """Roofline estimate in seconds: max(compute, memory) plus a launch cost for real kernels."""
+    if node.op == "call_function" and node.target in EXTERNAL_TIME:
+        return EXTERNAL_TIME[node.target](node, profile)
     if node.op != "call_function" or is_view(node):
         return 0.0
     flops = node_flops(node)

@@ -44,6 +44,11 @@ GRAD = "grad"
 TEMP = "temp"
 
 
+#: op -> ``f(node) -> bytes`` that an opaque op allocates and frees inside itself (a stream op's
+#: chunk intermediates): counted at the node, on top of its outputs. Filled in by the passes.
+SCRATCH: dict = {}
+
+
 @dataclass(frozen=True)
 class GraphPair:
     """One compiled training graph: its forward and backward halves after partitioning."""
@@ -328,6 +333,8 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
                     sim.new(graph, n, 0 if fused else sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None
                     for v in vals
                 ]
+                if n.target in SCRATCH:
+                    sim.new(graph, n, SCRATCH[n.target](n), TEMP).last_use = sim.step
         elif n.op == "output":
             output_args = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
         else:  # get_attr: a constant, resident
