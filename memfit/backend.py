@@ -194,23 +194,60 @@ class MemfitBackend:
         return self._compile_inductor(gm, example_inputs)
 
     def _stream(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
-        """Run the stream pass on the Dynamo graph (before AOTAutograd); its notes go to the graph's record."""
+        """Run the stream pass on the Dynamo graph (before AOTAutograd); its notes go to the graph's record.
+
+        With a budget and no fixed ``stream_chunks``, the chunk counts are doubled (up to 8x the
+        planner's default) while the predicted peak of the whole step is over the budget: each try is
+        traced and partitioned as the backend would (``analysis_compiler``), without compiling.
+        """
+        budget = self.step_budget().budget
+        tries = [1] if budget is None or self.options.stream_chunks is not None else [1, 2, 4, 8]
+        start, retries = list(self._pending_notes), []
+        for i, mult in enumerate(tries):
+            self._pending_notes[:] = start + retries
+            traced, plan = self._stream_once(gm, example_inputs, mult)
+            if traced is gm or i == len(tries) - 1:
+                break
+            peak = self._predicted_peak(traced, example_inputs)
+            if peak is not None and peak <= budget:
+                break
+            retries.append(
+                f"stream: with chunk counts x{mult} the predicted peak {format_bytes(peak) if peak else 'is infeasible'} "
+                f"is over the budget {format_bytes(budget)}; doubling them"
+            )
+        if plan is not None:
+            self._stream_plans.append(plan)
+        return traced
+
+    def _predicted_peak(self, gm, example_inputs) -> int | None:
+        """The predicted peak of ``gm``'s step (None: no plan fits), leaving no record behind."""
+        n, notes = len(self.records), list(self._pending_notes)
+        try:
+            self.analysis_compiler(gm, example_inputs)
+            return self.records[-1].analysis.memory.peak_bytes if len(self.records) > n else None
+        except BudgetError:
+            return None
+        finally:
+            del self.records[n:]
+            self._pending_notes[:] = notes
+
+    def _stream_once(self, gm, example_inputs, multiplier: int):
         from memfit.passes import stream as sp
         from memfit.planner.stream import plan_stream
 
         try:
             traced = sp.to_aten(gm, example_inputs)
-            plan, info = plan_stream(traced, example_inputs, self.options, sp.needs_grad(traced, example_inputs))
-            self._pending_notes.extend(plan.notes)
+            need = sp.needs_grad(traced, example_inputs)
+            plan, info = plan_stream(traced, example_inputs, self.options, need, multiplier)
             if not plan.regions:
-                raise CantApply("no token-wise region with a matmul or a softmax")
-            sp.apply(traced, plan, sp.needs_grad(traced, example_inputs), info.layout)
+                raise CantApply("no token-wise region with a matmul or a softmax; " + "; ".join(plan.notes))
+            sp.apply(traced, plan, need, info.layout)
         except CantApply as e:
             self._pending_notes.append(f"stream: not applied: {e.reason}")
-            warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=2)
-            return gm
-        self._stream_plans.append(plan)
-        return traced
+            warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=3)
+            return gm, None
+        self._pending_notes.extend(plan.notes)
+        return traced, plan
 
     def _note_inputs(self, example_inputs: Sequence[Any]) -> None:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""

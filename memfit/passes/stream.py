@@ -123,6 +123,8 @@ class _Region:
     fwdbwd: dict = field(default_factory=dict)
     scratch_fwd: int = 0
     scratch_bwd: int = 0
+    chunk_runs: int = 0
+    """Chunk graphs run so far (forward and backward): the structure tests count them."""
     _scratch_minus: dict = field(default_factory=dict)
 
     # chunk ranges
@@ -138,10 +140,10 @@ class _Region:
         mode = FakeTensorMode()
         with mode:
             out = []
-            for (shape, dtype, device), lay in zip(xs_meta, self.input_layouts):
-                if isinstance(lay, Tok):
-                    shape = lay.chunk_shape(shape, self.seq, c)
-                out.append(torch.empty(shape, dtype=dtype, device=device))
+            for (shape, dtype, device, stride), lay in zip(xs_meta, self.input_layouts):
+                full = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                # sliced as at run time, so the traced graph copies exactly where a view would fail
+                out.append(lay.rows(full, self.seq, 0, c) if isinstance(lay, Tok) else full)
             out += [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in extra]
         return mode, out
 
@@ -299,11 +301,15 @@ def _accumulate_in_place(g: torch.fx.GraphModule, positions: list[int]) -> int:
         src, transposed = node, False
         if node.target is aten.t.default and len(node.args[0].users) == 1:
             src, transposed = node.args[0], True
-        with g.graph.inserting_after(node):
-            if src.target is aten.mm.default and len(src.users) == 1:
-                target = g.graph.call_function(aten.t.default, (acc,)) if transposed else acc
+        if src.target is aten.mm.default and len(src.users) == 1:
+            target = acc
+            if transposed:
+                with g.graph.inserting_after(node):
+                    target = g.graph.call_function(aten.t.default, (acc,))
+            with g.graph.inserting_after(target if transposed else node):
                 new = g.graph.call_function(aten.addmm_.default, (target, *src.args))
-            else:
+        else:
+            with g.graph.inserting_after(node):
                 new = g.graph.call_function(aten.add_.Tensor, (acc, node))
         outs[pos] = new
     out.args = (tuple(outs),)
@@ -415,6 +421,7 @@ def _run_forward(self: _Region, xs):
         xc = self.slice_inputs(xs, s, e)
         g = self.traced(self.fwdbwd if grad_mode else self.fwd, c, "fwdbwd" if grad_mode else "fwd")
         res = list(g(*xc, *self._accumulators(gfull)))
+        self.chunk_runs += 1
         n_chunk_out = len(self._tok_names) + len(partial)
         outs, gs = res[:n_chunk_out], res[n_chunk_out:]
         for (i, lay, _, _), full, v in zip(self.tok_outputs, tok_full, outs):
@@ -429,6 +436,7 @@ def _run_forward(self: _Region, xs):
                 if isinstance(lay, Tok):
                     lay.write(gfull[k], self.seq, s, e, gs[k])
                 k += 1  # a shared input's gradient was accumulated in place by the chunk graph
+        del res, outs, gs, xc  # before the next chunk runs: two chunks' results never coexist
     results = []
     scale = None
     for m in self.outputs:
@@ -502,6 +510,7 @@ def _run_backward(self: _Region, xs, small, grads):
                 if a.dtype.is_floating_point and self._acc_diff[name]:
                     gc.append(acc_g[j])
         got = self.traced(self.bwd, c, "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
+        self.chunk_runs += 1
         k = 0
         for x, lay, need in zip(xs, self.input_layouts, self.needs):
             if not need:
@@ -509,6 +518,7 @@ def _run_backward(self: _Region, xs, small, grads):
             if isinstance(lay, Tok):
                 lay.write(gfull[k], self.seq, s, e, got[k])
             k += 1  # a shared input's gradient was accumulated in place by the chunk graph
+        del got, gc, xc  # before the next chunk runs
     return gfull
 
 
@@ -546,7 +556,7 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
         p.meta = dict(a.meta)
         env[a] = p
         v = a.meta["val"]
-        xs_meta.append((tuple(v.shape), v.dtype, v.device))
+        xs_meta.append((tuple(v.shape), v.dtype, v.device, tuple(v.stride())))
     for name in rp.nodes:
         n = by[name]
         m = g.node_copy(n, lambda x: env[x])
@@ -678,6 +688,7 @@ def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) 
             gm.graph.erase_node(node)
         made.append(region)
         region.key = key
+        gm.meta.setdefault("memfit_stream_keys", []).append(key)
     _toposort(gm.graph)
     gm.graph.lint()
     gm.recompile()

@@ -398,6 +398,8 @@ _ATTENTION = {
 
 def _rule_for(n, r: _Rules):
     t = n.target
+    if _mutates(n):
+        return None
     if t is operator.getitem:
         return r.getitem
     if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
@@ -439,6 +441,12 @@ def _rule_for(n, r: _Rules):
     if t in (aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         return r.pointwise
     return None
+
+
+def _mutates(n) -> bool:
+    """In-place and out= ops: a chunk loop would write each chunk into its own slice, not the tensor."""
+    schema = getattr(n.target, "_schema", None)
+    return schema is not None and (schema.is_mutable or torch.Tag.inplace in n.target.tags)
 
 
 def _random(n) -> bool:
@@ -488,16 +496,32 @@ def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
             continue
         if rule is None:
             info.reason[n] = ("random op (its mask cannot be drawn chunk by chunk as it is drawn whole)"
-                              if _random(n) else "no streaming rule for this op")
+                              if _random(n) else "in-place op" if _mutates(n) else "no streaming rule for this op")
+            _keep_layout(n, info)
             continue
         try:
             out = rule(n)
         except _Stop as e:
             info.reason[n] = str(e)
+            _keep_layout(n, info)
             continue
         info.layout[n] = out
         info.member.setdefault(n, "row")
     return info
+
+
+def _keep_layout(n, info: _Info) -> None:
+    """An op outside every region (it mixes tokens, or has no rule) whose output has its first token
+    input's shape keeps that input's token dim (``cumsum`` over the tokens, a causal mix): the ops after
+    it can still form a region, taking its output, sliced along that dim, as an input. Not claimed:
+    that the op is row-local."""
+    v = _val(n)
+    for a in n.all_input_nodes:
+        t = info.layout.get(a)
+        if isinstance(t, Tok):
+            if isinstance(v, torch.Tensor) and tuple(v.shape) == _shape(a):
+                info.layout[n] = t
+            return
 
 
 def _has_tok(x) -> bool:
