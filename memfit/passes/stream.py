@@ -248,6 +248,7 @@ class _Region:
                 g = make_fx(vjp, tracing_mode="real")(*fakes)
         g.graph.eliminate_dead_code()
         if kind != "fwd":
+            _cross_entropy_grad_in_place(g)
             self._scratch_minus[id(g)] = _accumulate_in_place(g, self._shared_grad_positions(kind))
         g.recompile()
         table[c] = g
@@ -278,6 +279,48 @@ class _Region:
                     out.append(pos)
                 pos += 2 if acc.kind in (NLL, SUM + "_nll") else 1
         return out
+
+
+def _ce_grad(logp: torch.Tensor, target: torch.Tensor, grad: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The gradient of ``sum(nll_loss(logp, target))`` w.r.t. the log-softmax's input, written over
+    ``logp``: ``grad * (softmax - onehot)`` on rows whose target is not ignored, 0 on the others."""
+    valid = target != ignore_index
+    g = (grad * valid).to(logp.dtype)
+    p = logp.exp_().mul_(g.unsqueeze(1))
+    # no nonzero(): ignored rows add 0 at a clamped index, so nothing waits for the host
+    p.scatter_add_(1, target.clamp_min(0).unsqueeze(1), -g.unsqueeze(1))
+    return p
+
+
+def _cross_entropy_grad_in_place(g: torch.fx.GraphModule) -> int:
+    """Rewrite ``_log_softmax -> nll_loss_backward -> _log_softmax_backward_data`` of a chunk's VJP into
+    one in-place pass over the log-probabilities (as Liger's fused linear cross-entropy does by hand):
+    the traced form holds three ``[chunk, vocab]`` buffers at once (log-probs, the one-hot gradient, the
+    result) and makes four passes; this holds one. Only for an unweighted, summed loss over 2-D
+    log-probs that nothing else reads afterwards. Returns how many sites were rewritten."""
+    done = 0
+    for bwd in list(g.graph.nodes):
+        if bwd.target is not aten._log_softmax_backward_data.default:
+            continue
+        gl, logp = bwd.args[0], bwd.args[1]
+        if gl.target is not aten.nll_loss_backward.default or logp.target is not aten._log_softmax.default:
+            continue
+        grad, self_, target, weight, reduction, ignore_index, _ = gl.args
+        order = {n: i for i, n in enumerate(g.graph.nodes)}
+        late = [u for u in logp.users if order[u] > order[bwd]]
+        if self_ is not logp or weight is not None or reduction != 2 or len(gl.users) != 1 or late \
+                or logp.meta["val"].dim() != 2 or bwd.args[2] not in (1, -1):
+            continue
+        with g.graph.inserting_before(bwd):
+            new = g.graph.call_function(_ce_grad, (logp, target, grad, ignore_index))
+        new.meta = dict(bwd.meta)
+        bwd.replace_all_uses_with(new)
+        g.graph.erase_node(bwd)
+        g.graph.erase_node(gl)
+        done += 1
+    if done:
+        g.graph.lint()
+    return done
 
 
 def _accumulate_in_place(g: torch.fx.GraphModule, positions: list[int]) -> int:

@@ -1,0 +1,178 @@
+"""Sequence-streamed backprop (the ``stream`` pass), measured on CPU with Inductor, side by side in one run.
+
+1. Logits: a GPT-style model with a 32k vocabulary at 4096 tokens. The step compiled by memfit with no
+   pass (Inductor's own min-cut partition, what plain ``torch.compile`` does) against the same with
+   ``passes=["stream"]`` (no checkpoint plan in either). Target: peak <= 1/4, time <= 1.2x.
+2. Maximum sequence length under one fixed budget, found by bisection on the measured peak: full
+   per-layer ``torch.utils.checkpoint`` (every block, Inductor) against memfit's stream pass. Target:
+   >= 5x the length, per-token step time within 1.2x of checkpointing (compared at the same length).
+3. Chunks really run one after another: the measured peak falls as the chunk count rises (were they
+   fused back into one kernel, it would not move).
+
+    python benchmarks/stream.py [--part logits,maxlen,chunks] [--budget 128MiB] [--out stream.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.utils.checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+import gpt  # noqa: E402
+
+import memfit  # noqa: E402
+from memfit.config import format_bytes, parse_bytes  # noqa: E402
+from memfit.measure import measure, training_step  # noqa: E402
+
+VOCAB, WIDTH, LAYERS, HEADS = 32768, 128, 2, 4
+
+
+def model_at(seq: int, checkpointed: bool = False):
+    model, (idx, tgt) = gpt.factory(batch=1, seq=seq, n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS,
+                                    vocab_size=VOCAB, block_size=seq)
+    if checkpointed:
+        for i, block in enumerate(model.h):
+            model.h[i] = _Checkpointed(block)
+    return model, (idx, tgt)
+
+
+class _Checkpointed(torch.nn.Module):
+    """A block under ``torch.utils.checkpoint``: only its input is saved; it is recomputed in the backward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def run(method: str, seq: int, repeat: int = 2, chunks: int | None = None, budget: int | None = None):
+    torch._dynamo.reset()
+    model, inputs = model_at(seq, checkpointed=method == "checkpoint")
+    if method == "checkpoint":
+        compiled = torch.compile(model)
+        be = None
+    else:
+        be = memfit.backend(inner="inductor", passes=["stream"] if method == "stream" else [],
+                            stream_chunks=chunks, budget=budget)
+        compiled = torch.compile(model, backend=be)
+    m = measure(training_step(compiled, inputs), repeat=repeat)
+    pred = be.records[-1].analysis.memory.peak_bytes if be is not None and be.records else None
+    return {"method": method, "seq": seq, "peak": m.peak_bytes, "time_s": m.time_s, "predicted": pred,
+            "notes": [n for n in (be.records[-1].notes if be is not None and be.records else []) if "region" in n]}
+
+
+def part_logits(seq: int = 4096) -> dict:
+    print(f"\n== 1. logits: GPT {LAYERS}x{WIDTH}, vocab {VOCAB}, 1 x {seq} tokens, Inductor", flush=True)
+    plain = run("plain", seq)
+    streamed = run("stream", seq)
+    for r in (plain, streamed):
+        pred = f", predicted {format_bytes(r['predicted'])}" if r["predicted"] else ""
+        print(f"  {r['method']:<7} peak {format_bytes(r['peak']):>11}  time {r['time_s'] * 1e3:8.1f} ms{pred}")
+    pr, tr = streamed["peak"] / plain["peak"], streamed["time_s"] / plain["time_s"]
+    print(f"  stream/plain: peak {pr:.3f} (target <= 0.25), time {tr:.3f} (target <= 1.2)")
+    for n in streamed["notes"]:
+        print("   ", n)
+    return {"plain": plain, "stream": streamed, "peak_ratio": pr, "time_ratio": tr}
+
+
+def _max_len(method: str, budget: int, lo: int, hi: int, step: int = 256) -> tuple[int, list]:
+    """Largest multiple of ``step`` in [lo, hi] whose measured peak fits ``budget`` (bisection)."""
+    probes = []
+
+    def fits(seq):
+        r = run(method, seq, repeat=1, budget=budget if method == "stream" else None)
+        probes.append(r)
+        ok = r["peak"] <= budget
+        print(f"    {method:<10} {seq:>6} tokens: peak {format_bytes(r['peak']):>11} "
+              f"{'fits' if ok else 'over'}  ({r['time_s'] * 1e3:.0f} ms)", flush=True)
+        return ok
+
+    if not fits(lo):
+        return 0, probes
+    good, bad = lo, None
+    while bad is None:  # grow until it does not fit
+        nxt = good * 2
+        if nxt > hi:
+            bad = hi + step
+            break
+        if fits(nxt):
+            good = nxt
+        else:
+            bad = nxt
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if mid <= good:
+            break
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, probes
+
+
+def part_maxlen(budget: int) -> dict:
+    print(f"\n== 2. longest sequence under {format_bytes(budget)} (measured peak), GPT {LAYERS}x{WIDTH}, "
+          f"vocab {VOCAB}, batch 1, Inductor", flush=True)
+    ck, ck_probes = _max_len("checkpoint", budget, 256, 4096)
+    st, st_probes = _max_len("stream", budget, 256, 65536, step=512)
+    same = run("stream", ck, repeat=2, budget=budget) if ck else None
+    ck_run = run("checkpoint", ck, repeat=2) if ck else None
+    rows = []
+    print(f"\n  {'method':<24} {'max tokens':>10} {'peak':>11} {'time':>10} {'ms/token':>9}")
+    for name, r in (("checkpoint every block", ck_run), ("memfit stream (same T)", same),
+                    ("memfit stream (its max)", next((p for p in reversed(st_probes) if p["seq"] == st), None))):
+        if r is None:
+            continue
+        print(f"  {name:<24} {r['seq']:>10} {format_bytes(r['peak']):>11} {r['time_s'] * 1e3:8.0f}ms "
+              f"{r['time_s'] * 1e3 / r['seq']:9.3f}")
+        rows.append({"name": name, **r})
+    ratio = st / ck if ck else float("inf")
+    per_token = (same["time_s"] / ck_run["time_s"]) if ck else float("nan")
+    print(f"  length ratio {ratio:.1f}x (target >= 5); per-token time at {ck} tokens: stream/checkpoint "
+          f"{per_token:.3f} (target <= 1.2)")
+    return {"budget": budget, "checkpoint_max": ck, "stream_max": st, "length_ratio": ratio,
+            "per_token_time_ratio": per_token, "rows": rows, "probes": ck_probes + st_probes}
+
+
+def part_chunks(seq: int = 4096) -> dict:
+    print(f"\n== 3. chunks run one after another: peak against chunk count ({seq} tokens)", flush=True)
+    rows = []
+    for k in (1, 4, 16, 64):
+        r = run("stream", seq, repeat=1, chunks=k)
+        rows.append({"chunks": k, **r})
+        print(f"  {k:>3} chunks: peak {format_bytes(r['peak']):>11}  time {r['time_s'] * 1e3:8.1f} ms", flush=True)
+    return {"rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="logits,maxlen,chunks")
+    p.add_argument("--budget", default="128MiB")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    parts = a.part.split(",")
+    torch.manual_seed(0)
+    out = {}
+    if "logits" in parts:
+        out["logits"] = part_logits()
+    if "maxlen" in parts:
+        out["maxlen"] = part_maxlen(parse_bytes(a.budget))
+    if "chunks" in parts:
+        out["chunks"] = part_chunks()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
