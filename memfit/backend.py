@@ -201,19 +201,27 @@ class MemfitBackend:
         traced and partitioned as the backend would (``analysis_compiler``), without compiling.
         """
         budget = self.step_budget().budget
-        tries = [1] if budget is None or self.options.stream_chunks is not None else [1, 2, 4, 8]
+        searched = budget is not None and self.options.stream_chunks is None
+        # (regions kept: the n largest, None = all; chunk multiplier), cheapest first
+        tries = [(None, 1)]
+        if searched:
+            n = self._stream_region_count(gm, example_inputs)
+            if n:
+                tries = [(k, 1) for k in range(1, n)] + [(None, 1), (None, 2), (None, 4), (None, 8)]
         start, retries = list(self._pending_notes), []
-        for i, mult in enumerate(tries):
+        traced, plan = gm, None
+        for i, (largest, mult) in enumerate(tries):
             self._pending_notes[:] = start + retries
-            traced, plan = self._stream_once(gm, example_inputs, mult)
+            traced, plan = self._stream_once(gm, example_inputs, mult, largest)
             if traced is gm or i == len(tries) - 1:
                 break
             peak = self._predicted_peak(traced, example_inputs)
             if peak is not None and peak <= budget:
                 break
+            what = f"the {largest} largest region(s)" if largest else f"every region, chunk counts x{mult}"
             retries.append(
-                f"stream: with chunk counts x{mult} the predicted peak {format_bytes(peak) if peak else 'is infeasible'} "
-                f"is over the budget {format_bytes(budget)}; doubling them"
+                f"stream: streaming {what}, the predicted peak {format_bytes(peak) if peak else 'is infeasible'} "
+                f"is over the budget {format_bytes(budget)}; trying more"
             )
         if plan is not None:
             self._stream_plans.append(plan)
@@ -222,25 +230,42 @@ class MemfitBackend:
     def _predicted_peak(self, gm, example_inputs) -> int | None:
         """The predicted peak of ``gm``'s step (None: no plan fits), leaving no record behind."""
         n, notes = len(self.records), list(self._pending_notes)
+        self._in_stream_probe = True  # gm is already streamed
         try:
             self.analysis_compiler(gm, example_inputs)
             return self.records[-1].analysis.memory.peak_bytes if len(self.records) > n else None
         except BudgetError:
             return None
         finally:
+            self._in_stream_probe = False
             del self.records[n:]
             self._pending_notes[:] = notes
 
-    def _stream_once(self, gm, example_inputs, multiplier: int):
+    def _stream_region_count(self, gm, example_inputs) -> int:
+        notes = list(self._pending_notes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real attempt says why, once
+            traced, plan = self._stream_once(gm, example_inputs, 1, None, apply=False)
+        self._pending_notes[:] = notes
+        return len(plan.regions) if plan is not None else 0
+
+    def _stream_once(self, gm, example_inputs, multiplier: int, largest: int | None = None, apply: bool = True):
         from memfit.passes import stream as sp
         from memfit.planner.stream import plan_stream
 
         try:
+            if any(not isinstance(x, torch.Tensor) for x in example_inputs) or any(
+                any(not isinstance(s, int) for s in getattr(n.meta.get("example_value"), "shape", ()))
+                for n in gm.graph.nodes if n.op == "placeholder"
+            ):
+                raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)")
             traced = sp.to_aten(gm, example_inputs)
             need = sp.needs_grad(traced, example_inputs)
-            plan, info = plan_stream(traced, example_inputs, self.options, need, multiplier)
+            plan, info = plan_stream(traced, example_inputs, self.options, need, multiplier, largest)
             if not plan.regions:
                 raise CantApply("no token-wise region with a matmul or a softmax; " + "; ".join(plan.notes))
+            if not apply:
+                return traced, plan
             sp.apply(traced, plan, need, info.layout)
         except CantApply as e:
             self._pending_notes.append(f"stream: not applied: {e.reason}")
@@ -365,6 +390,8 @@ class MemfitBackend:
         ``scatter`` that Inductor rewrites away: 65 MiB predicted against 39 MiB measured.)
         """
         self._note_inputs(example_inputs)
+        if "stream" in self._passes and not getattr(self, "_in_stream_probe", False):
+            gm = self._stream(gm, example_inputs)
         if self.options.inner == "eager":
             return self._compile_eager(gm, example_inputs)
         return self._compile_eager(

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--passes",
         default="auto",
         metavar="LIST",
-        help="comma-separated passes (checkpoint, fewbit, split_backward) or 'auto' (exact passes that change nothing "
+        help="comma-separated passes (checkpoint, fewbit, split_backward, stream) or 'auto' (exact passes that change nothing "
         "about when gradients arrive; default)",
     )
     a.add_argument(

@@ -241,3 +241,22 @@ def test_peak_drops_by_the_logits_and_is_predicted():
     (plain, plain_pred), (streamed, pred) = results["plain"], results["stream"]
     assert streamed <= plain - 2 * logits, (plain, streamed)
     assert abs(pred - streamed) <= 0.15 * streamed, (pred, streamed)
+
+
+def test_budget_raises_the_chunk_count_until_the_prediction_fits():
+    """The chunk count is part of the plan: with a budget under the default plan's predicted peak, the
+    planner doubles the counts until the predicted peak fits, and the measured peak follows."""
+    model, idx, tgt = _gpt(batch=1, seq=1024, block_size=1024, vocab_size=8192, n_embd=64)
+    be0 = memfit.backend(passes=["stream"], inner="eager")
+    torch.compile(copy.deepcopy(model), backend=be0)(idx, tgt).backward()
+    default_chunks = max(r.plan.chunks for r in _regions(be0))
+    default_peak = be0.records[-1].analysis.memory.peak_bytes
+    torch._dynamo.reset()
+    budget = int(default_peak * 0.93)
+    be = memfit.backend(passes=["stream"], inner="eager", budget=budget)
+    m = measure(training_step(torch.compile(copy.deepcopy(model), backend=be), (idx, tgt)), repeat=1)
+    chunks = max(r.plan.chunks for r in _regions(be)[-3:])
+    assert chunks > default_chunks
+    assert any("trying more" in n for n in be.records[-1].notes)
+    assert be.records[-1].analysis.memory.peak_bytes <= budget
+    assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)

@@ -713,6 +713,9 @@ def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) 
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             vals = [torch.empty_strided(shape, stride, dtype=dtype) for shape, dtype, stride in region.out_meta]
         op.meta["val"] = vals
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):  # the report's "source" column
+            if k in last.meta:
+                op.meta[k] = last.meta[k]
         cursor = op
         for i, n in enumerate(region._out_nodes):
             with gm.graph.inserting_after(cursor):

@@ -657,7 +657,8 @@ def _nbytes(n) -> int:
 MIN_CHUNK_TOKENS = 128
 
 
-def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: int = 1) -> tuple[StreamPlan, _Info]:
+def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: int = 1,
+                largest: int | None = None) -> tuple[StreamPlan, _Info]:
     """The stream plan for one graph: its regions and each one's chunk count.
 
     ``stream_chunks`` fixes the count. Otherwise each region gets the fewest chunks (a power of two)
@@ -666,7 +667,8 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     gradients dominate the peak, and thinner chunks make thin matmuls. Measured on a 2-layer GPT,
     32k vocabulary, 4096 tokens, Inductor (plain step 590 MiB, 1.30 s): 32 chunks of 128 tokens
     114 MiB, 1.46 s; 64 chunks 89 MiB, 1.81 s; 256 chunks 71 MiB, 3.20 s. ``multiplier`` scales the
-    counts (the backend raises it while the predicted peak is over the budget).
+    counts, and ``largest`` keeps only that many regions, those with the most intermediates (the
+    backend searches both against the budget: a region left alone keeps Inductor's fused kernels).
     """
     from memfit.passes import CantApply
 
@@ -676,6 +678,12 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     if not _static(gm):
         raise CantApply("dynamic shapes: streaming needs a static sequence length")
     plan, info = find_regions(gm, seq, options.stream_chunks or 1, needs_grad)
+    if largest is not None:
+        keep = {r.name for r in sorted(plan.regions, key=lambda r: -r.region_bytes)[:largest]}
+        skipped = [r for r in plan.regions if r.name not in keep]
+        plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name in keep), notes=plan.notes + (
+            (f"stream: regions {', '.join(r.name for r in skipped)} left unstreamed: the budget is met without them",)
+            if skipped else ()))
     if options.stream_chunks is None:
         by = {n.name: n for n in gm.graph.nodes}
         regions = []
