@@ -73,8 +73,8 @@ def run(method: str, seq: int, repeat: int = 2, chunks: int | None = None, budge
 
 def part_logits(seq: int = 4096) -> dict:
     print(f"\n== 1. logits: GPT {LAYERS}x{WIDTH}, vocab {VOCAB}, 1 x {seq} tokens, Inductor", flush=True)
-    plain = run("plain", seq)
-    streamed = run("stream", seq)
+    plain = run("plain", seq, repeat=3)
+    streamed = run("stream", seq, repeat=3)
     for r in (plain, streamed):
         pred = f", predicted {format_bytes(r['predicted'])}" if r["predicted"] else ""
         print(f"  {r['method']:<7} peak {format_bytes(r['peak']):>11}  time {r['time_s'] * 1e3:8.1f} ms{pred}")
@@ -125,8 +125,8 @@ def part_maxlen(budget: int) -> dict:
           f"vocab {VOCAB}, batch 1, Inductor", flush=True)
     ck, ck_probes = _max_len("checkpoint", budget, 256, 4096)
     st, st_probes = _max_len("stream", budget, 256, 65536, step=512)
-    same = run("stream", ck, repeat=2, budget=budget) if ck else None
-    ck_run = run("checkpoint", ck, repeat=2) if ck else None
+    same = run("stream", ck, repeat=5, budget=budget) if ck else None
+    ck_run = run("checkpoint", ck, repeat=5) if ck else None
     rows = []
     print(f"\n  {'method':<24} {'max tokens':>10} {'peak':>11} {'time':>10} {'ms/token':>9}")
     for name, r in (("checkpoint every block", ck_run), ("memfit stream (same T)", same),

@@ -125,7 +125,6 @@ class _Region:
     scratch_bwd: int = 0
     chunk_runs: int = 0
     """Chunk graphs run so far (forward and backward): the structure tests count them."""
-    _scratch_minus: dict = field(default_factory=dict)
 
     # chunk ranges
     def ranges(self):
@@ -191,8 +190,8 @@ class _Region:
 
         def peak(g):
             n_out = len(next(n for n in g.graph.nodes if n.op == "output").args[0])
-            # the in-place accumulations count as new buffers there; they are the op's outputs
-            return max(simulate([GraphPair(g, None, n_out)]).peak_bytes - self._scratch_minus.get(id(g), 0), 0)
+            # in-place accumulations alias their accumulator (an input: the op's own output)
+            return simulate([GraphPair(g, None, n_out)]).peak_bytes
 
         for c in sorted({e - s for s, e in self.ranges()}):
             if self.plan.grad_in_forward:
@@ -249,7 +248,7 @@ class _Region:
         g.graph.eliminate_dead_code()
         if kind != "fwd":
             _cross_entropy_grad_in_place(g)
-            self._scratch_minus[id(g)] = _accumulate_in_place(g, self._shared_grad_positions(kind))
+            _accumulate_in_place(g, self._shared_grad_positions(kind))
         g.recompile()
         table[c] = g
         return g
@@ -290,6 +289,9 @@ def _ce_grad(logp: torch.Tensor, target: torch.Tensor, grad: torch.Tensor, ignor
     # no nonzero(): ignored rows add 0 at a clamped index, so nothing waits for the host
     p.scatter_add_(1, target.clamp_min(0).unsqueeze(1), -g.unsqueeze(1))
     return p
+
+
+_ce_grad._memfit_in_place = True  # writes over its first argument: the memory model counts no new buffer
 
 
 def _cross_entropy_grad_in_place(g: torch.fx.GraphModule) -> int:

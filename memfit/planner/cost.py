@@ -218,7 +218,7 @@ def is_view(node: torch.fx.Node) -> bool:
     """True when the node's outputs alias an input (views, ``copy_`` into an input, getitem)."""
     if node.op != "call_function":
         return False
-    if node.target is operator.getitem:
+    if node.target is operator.getitem or getattr(node.target, "_memfit_in_place", False):
         return True
     schema = getattr(node.target, "_schema", None)
     if schema is None:
