@@ -35,7 +35,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memfit.passes import CantApply
-from memfit.planner.stream import MEAN, NLL, SUM, RegionPlan, StreamPlan, Tok, _Info, find_regions, seq_len_of
+from memfit.planner.stream import MEAN, NLL, SUM, RegionPlan, StreamPlan, Tok
 
 aten = torch.ops.aten
 
@@ -180,9 +180,6 @@ class _Region:
     def _chunk_out_spec(self):
         return [("tok", name) for name in self._tok_names] + [("acc", a.node) for a in self.accs]
 
-    def xs_meta(self):
-        return self._xs_meta
-
     def prepare(self) -> None:
         """Trace the chunk graphs now, at compile time: the op's body runs below autograd, where
         ``autograd.grad`` cannot be traced. Their simulated peaks are the op's scratch memory."""
@@ -278,6 +275,125 @@ class _Region:
                     out.append(pos)
                 pos += 2 if acc.kind in (NLL, SUM + "_nll") else 1
         return out
+
+    def run_forward(self, xs):
+        device = xs[0].device
+        grad_mode = self.plan.grad_in_forward
+        # the outputs keep the strides the graph had for them (a later ``view`` may rely on them)
+        tok_full = [torch.empty_strided(shape, self.out_meta[i][2], dtype=dtype, device=device)
+                    for (i, _, shape, dtype) in self.tok_outputs]
+        partial: list = [None] * sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs)
+        gfull = []
+        if grad_mode:
+            gfull = [torch.zeros_like(x) if isinstance(lay, Tok) else torch.zeros_like(x)
+                     for x, lay, need in zip(xs, self.input_layouts, self.needs) if need]
+        for s, e in self.ranges():
+            c = e - s
+            xc = self.slice_inputs(xs, s, e)
+            g = self.traced(self.fwdbwd if grad_mode else self.fwd, c, "fwdbwd" if grad_mode else "fwd")
+            res = list(g(*xc, *self._accumulators(gfull)))
+            self.chunk_runs += 1
+            n_chunk_out = len(self._tok_names) + len(partial)
+            outs, gs = res[:n_chunk_out], res[n_chunk_out:]
+            for (i, lay, _, _), full, v in zip(self.tok_outputs, tok_full, outs):
+                lay.write(full, self.seq, s, e, v)
+            for j, v in enumerate(outs[len(self._tok_names):]):
+                partial[j] = v if partial[j] is None else partial[j] + v
+            if grad_mode:
+                self._write_token_grads(gfull, gs, s, e)
+            del res, outs, gs, xc  # before the next chunk runs: two chunks' results never coexist
+        results = []
+        scale = None
+        for m in self.outputs:
+            if m[0] == "tok":
+                results.append(tok_full[m[1]])
+                continue
+            _, j, item = m
+            a = self.accs[j]
+            base = self._acc_offset(j)
+            S = partial[base]
+            if a.kind == NLL:
+                W = partial[base + 1]
+                results.append(S / W if item == 0 else W)
+                if item == 0:
+                    scale = 1 / W
+            elif a.kind == SUM + "_nll":
+                results.append(S if item == 0 else partial[base + 1])
+            elif a.kind == MEAN:
+                results.append(S / a.count)
+                scale = 1.0 / a.count
+            else:
+                results.append(S)
+        if grad_mode:
+            if scale is None and any(a.kind in (NLL, MEAN) for a in self.accs):
+                for j, a in enumerate(self.accs):  # the normaliser of the differentiable reduction
+                    base = self._acc_offset(j)
+                    scale = 1 / partial[base + 1] if a.kind == NLL else 1.0 / a.count if a.kind == MEAN else scale
+            if scale is not None:
+                gfull = [g.mul_(scale) for g in gfull]
+            results += gfull
+        return results
+
+    def _acc_offset(self, j: int) -> int:
+        return sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs[:j])
+
+    def run_backward(self, xs, small, grads):
+        gfull = [torch.zeros_like(x) for x, need in zip(xs, self.needs) if need]
+        # the incoming gradient of each reduction's partial sum
+        acc_g = {}
+        for m, g in zip(self.outputs, grads):
+            if m[0] != "acc":
+                continue
+            _, j, item = m
+            a = self.accs[j]
+            if item == 0:
+                if a.kind == NLL:
+                    acc_g[j] = g / self._nll_weight(small, j)
+                elif a.kind == MEAN:
+                    acc_g[j] = g / a.count
+                else:
+                    acc_g[j] = g
+        for s, e in self.ranges():
+            c = e - s
+            xc = self.slice_inputs(xs, s, e)
+            gc = []
+            for kind, name in self._chunk_out_spec():
+                if kind == "tok":
+                    if self._tok_diff[name]:
+                        i = self._tok_names.index(name)
+                        idx, lay, _, _ = self.tok_outputs[i]
+                        gc.append(lay.rows(grads[idx], self.seq, s, e))
+                else:
+                    j = next(j for j, a in enumerate(self.accs) if a.node == name)
+                    a = self.accs[j]
+                    if a.dtype.is_floating_point and self._acc_diff[name]:
+                        gc.append(acc_g[j])
+            got = self.traced(self.bwd, c, "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
+            self.chunk_runs += 1
+            self._write_token_grads(gfull, got, s, e)
+            del got, gc, xc  # before the next chunk runs
+        return gfull
+
+    def _nll_weight(self, small, j):
+        """The total weight (count of non-ignored targets) of reduction ``j``, among the saved small outputs."""
+        k = 0
+        for m in self.outputs:
+            if m[0] != "acc":
+                continue
+            if m[1] == j and m[2] == 1:
+                return small[k]
+            k += 1
+        raise RuntimeError("memfit stream: the nll normaliser was not saved")
+
+    def _write_token_grads(self, gfull, got, s, e):
+        """Write a chunk's gradients of the token inputs into their rows (the shared inputs' gradients
+        were accumulated in place by the chunk graph)."""
+        k = 0
+        for lay, need in zip(self.input_layouts, self.needs):
+            if need:
+                if isinstance(lay, Tok):
+                    lay.write(gfull[k], self.seq, s, e, got[k])
+                k += 1
 
 
 def _ce_grad(logp: torch.Tensor, target: torch.Tensor, grad: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -450,139 +566,13 @@ def _backward(ctx, grads):
 stream.register_autograd(_backward, setup_context=_setup)
 
 
-def _run_forward(self: _Region, xs):
-    device = xs[0].device
-    grad_mode = self.plan.grad_in_forward
-    # the outputs keep the strides the graph had for them (a later ``view`` may rely on them)
-    tok_full = [torch.empty_strided(shape, self.out_meta[i][2], dtype=dtype, device=device)
-                for (i, _, shape, dtype) in self.tok_outputs]
-    partial: list = [None] * sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs)
-    gfull = []
-    if grad_mode:
-        gfull = [torch.zeros_like(x) if isinstance(lay, Tok) else torch.zeros_like(x)
-                 for x, lay, need in zip(xs, self.input_layouts, self.needs) if need]
-    for s, e in self.ranges():
-        c = e - s
-        xc = self.slice_inputs(xs, s, e)
-        g = self.traced(self.fwdbwd if grad_mode else self.fwd, c, "fwdbwd" if grad_mode else "fwd")
-        res = list(g(*xc, *self._accumulators(gfull)))
-        self.chunk_runs += 1
-        n_chunk_out = len(self._tok_names) + len(partial)
-        outs, gs = res[:n_chunk_out], res[n_chunk_out:]
-        for (i, lay, _, _), full, v in zip(self.tok_outputs, tok_full, outs):
-            lay.write(full, self.seq, s, e, v)
-        for j, v in enumerate(outs[len(self._tok_names):]):
-            partial[j] = v if partial[j] is None else partial[j] + v
-        if grad_mode:
-            k = 0
-            for x, lay, need in zip(xs, self.input_layouts, self.needs):
-                if not need:
-                    continue
-                if isinstance(lay, Tok):
-                    lay.write(gfull[k], self.seq, s, e, gs[k])
-                k += 1  # a shared input's gradient was accumulated in place by the chunk graph
-        del res, outs, gs, xc  # before the next chunk runs: two chunks' results never coexist
-    results = []
-    scale = None
-    for m in self.outputs:
-        if m[0] == "tok":
-            results.append(tok_full[m[1]])
-            continue
-        _, j, item = m
-        a = self.accs[j]
-        base = self._acc_offset(j)
-        S = partial[base]
-        if a.kind == NLL:
-            W = partial[base + 1]
-            results.append(S / W if item == 0 else W)
-            if item == 0:
-                scale = 1 / W
-        elif a.kind == SUM + "_nll":
-            results.append(S if item == 0 else partial[base + 1])
-        elif a.kind == MEAN:
-            results.append(S / a.count)
-            scale = 1.0 / a.count
-        else:
-            results.append(S)
-    if grad_mode:
-        if scale is None and any(a.kind in (NLL, MEAN) for a in self.accs):
-            for j, a in enumerate(self.accs):  # the normaliser of the differentiable reduction
-                base = self._acc_offset(j)
-                scale = 1 / partial[base + 1] if a.kind == NLL else 1.0 / a.count if a.kind == MEAN else scale
-        if scale is not None:
-            gfull = [g.mul_(scale) for g in gfull]
-        results += gfull
-    return results
 
 
-def _acc_offset(self: _Region, j: int) -> int:
-    return sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs[:j])
 
 
-def _run_backward(self: _Region, xs, small, grads):
-    device = xs[0].device
-    gfull = [torch.zeros_like(x) for x, need in zip(xs, self.needs) if need]
-    # the incoming gradient of each reduction's partial sum
-    acc_g = {}
-    k = 0
-    for m, g in zip(self.outputs, grads):
-        if m[0] != "acc":
-            continue
-        _, j, item = m
-        a = self.accs[j]
-        if item == 0:
-            if a.kind == NLL:
-                W = small[k + 1] if k + 1 < len(small) and self.outputs[self.outputs.index(m) + 1][0] == "acc" else None
-                acc_g[j] = g / self._nll_weight(small, j)
-            elif a.kind == MEAN:
-                acc_g[j] = g / a.count
-            else:
-                acc_g[j] = g
-        k += 1
-    for s, e in self.ranges():
-        c = e - s
-        xc = self.slice_inputs(xs, s, e)
-        gc = []
-        for kind, name in self._chunk_out_spec():
-            if kind == "tok":
-                if self._tok_diff[name]:
-                    i = self._tok_names.index(name)
-                    idx, lay, _, _ = self.tok_outputs[i]
-                    gc.append(lay.rows(grads[idx], self.seq, s, e))
-            else:
-                j = next(j for j, a in enumerate(self.accs) if a.node == name)
-                a = self.accs[j]
-                if a.dtype.is_floating_point and self._acc_diff[name]:
-                    gc.append(acc_g[j])
-        got = self.traced(self.bwd, c, "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
-        self.chunk_runs += 1
-        k = 0
-        for x, lay, need in zip(xs, self.input_layouts, self.needs):
-            if not need:
-                continue
-            if isinstance(lay, Tok):
-                lay.write(gfull[k], self.seq, s, e, got[k])
-            k += 1  # a shared input's gradient was accumulated in place by the chunk graph
-        del got, gc, xc  # before the next chunk runs
-    return gfull
 
 
-def _nll_weight(self: _Region, small, j):
-    """The total weight (count of non-ignored targets) of reduction ``j``, among the saved small outputs."""
-    k = 0
-    for m in self.outputs:
-        if m[0] != "acc":
-            continue
-        if m[1] == j and m[2] == 1:
-            return small[k]
-        k += 1
-    raise RuntimeError("memfit stream: the nll normaliser was not saved")
 
-
-_Region.run_forward = _run_forward
-_Region.run_backward = _run_backward
-_Region._acc_offset = _acc_offset
-_Region._nll_weight = _nll_weight
 
 
 # -- the rewrite ---------------------------------------------------------------------------------------
@@ -712,7 +702,7 @@ def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) 
         region_nodes = {name: by[name] for name in rp.nodes}
         with gm.graph.inserting_after(last):
             op = gm.graph.call_function(torch.ops.memfit.stream.default, (key, [by[i] for i in rp.inputs]))
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with FakeTensorMode(allow_non_fake_inputs=True):
             vals = [torch.empty_strided(shape, stride, dtype=dtype) for shape, dtype, stride in region.out_meta]
         op.meta["val"] = vals
         for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):  # the report's "source" column

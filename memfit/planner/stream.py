@@ -186,7 +186,7 @@ class _Rules:
         before = math.prod(src[: t.dim]) * t.outer
         for k in reversed(range(len(dst))):
             suffix = math.prod(dst[k + 1 :])
-            if suffix <= r < suffix * dst[k] or (r == suffix * dst[k] and False):
+            if suffix <= r < suffix * dst[k]:
                 break
         else:
             raise _Stop("view merges the token dim away")
@@ -278,8 +278,8 @@ class _Rules:
         return first
 
     def mm(self, n):
-        a, b = n.args[0], n.args[1]
-        ta, tb = self.lay(a), self.lay(b)
+        """``x @ W``: rows of x are tokens, W is shared (a weight); tokens in W would be contracted."""
+        ta, tb = self.lay(n.args[-2]), self.lay(n.args[-1])
         if isinstance(tb, Tok) or not isinstance(ta, Tok) or ta.dim != 0:
             raise _Stop("matmul contracts over the tokens")
         return ta
@@ -287,11 +287,7 @@ class _Rules:
     def addmm(self, n):
         if isinstance(self.lay(n.args[0]), Tok):
             raise _Stop("addmm with a per-token bias")
-        a, b = n.args[1], n.args[2]
-        ta, tb = self.lay(a), self.lay(b)
-        if isinstance(tb, Tok) or not isinstance(ta, Tok) or ta.dim != 0:
-            raise _Stop("matmul contracts over the tokens")
-        return ta
+        return self.mm(n)
 
     def bmm(self, n):
         ta, tb = self.lay(n.args[0]), self.lay(n.args[1])
