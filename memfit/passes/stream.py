@@ -131,18 +131,38 @@ class _Region:
         c = math.ceil(self.seq / self.plan.chunks)
         return [(s, min(s + c, self.seq)) for s in range(0, self.seq, c)]
 
+    def conform(self, xs):
+        """The inputs in the strides the chunk graphs were traced for. An op's real kernel may lay out
+        its output unlike its fake one (seen on HF GPT-2): a traced ``view`` would then fail, so such an
+        input is copied once into the traced layout."""
+        out = []
+        for x, (shape, dtype, device, stride) in zip(xs, self._xs_meta):
+            if isinstance(x, torch.Tensor) and x.dim() and tuple(x.stride()) != stride:
+                x = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+            out.append(x)
+        return out
+
     def slice_inputs(self, xs, s, e):
-        return [lay.rows(x, self.seq, s, e) if isinstance(lay, Tok) else x for x, lay in zip(xs, self.input_layouts)]
+        return [lay.rows(x, self.seq, 0 if lay.prefix else s, e) if isinstance(lay, Tok) else x
+                for x, lay in zip(xs, self.input_layouts)]
+
+    def chunk_key(self, s, e):
+        """The chunk graphs depend on the chunk's length, and on its end when an attention reads the prefix."""
+        prefix = any(isinstance(lay, Tok) and lay.prefix for lay in self.input_layouts)
+        return (e - s, e if prefix else None)
 
     # chunk graphs, traced on first use per chunk size
-    def _chunk_fakes(self, xs_meta, c, extra=()):
+    def _chunk_fakes(self, xs_meta, key, extra=()):
+        c, e = key
         mode = FakeTensorMode()
         with mode:
             out = []
             for (shape, dtype, device, stride), lay in zip(xs_meta, self.input_layouts):
                 full = torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 # sliced as at run time, so the traced graph copies exactly where a view would fail
-                out.append(lay.rows(full, self.seq, 0, c) if isinstance(lay, Tok) else full)
+                if isinstance(lay, Tok):
+                    full = lay.rows(full, self.seq, 0, e if lay.prefix else c)
+                out.append(full)
             out += [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in extra]
         return mode, out
 
@@ -190,39 +210,40 @@ class _Region:
             # in-place accumulations alias their accumulator (an input: the op's own output)
             return simulate([GraphPair(g, None, n_out)]).peak_bytes
 
-        for c in sorted({e - s for s, e in self.ranges()}):
+        for key in sorted({self.chunk_key(s, e) for s, e in self.ranges()}, key=str):
             if self.plan.grad_in_forward:
-                self.scratch_fwd = max(self.scratch_fwd, peak(self.traced(self.fwdbwd, c, "fwdbwd")))
+                self.scratch_fwd = max(self.scratch_fwd, peak(self.traced(self.fwdbwd, key, "fwdbwd")))
             else:
-                self.scratch_fwd = max(self.scratch_fwd, peak(self.traced(self.fwd, c, "fwd")))
-                self.scratch_bwd = max(self.scratch_bwd, peak(self.traced(self.bwd, c, "bwd")))
+                self.scratch_fwd = max(self.scratch_fwd, peak(self.traced(self.fwd, key, "fwd")))
+                self.scratch_bwd = max(self.scratch_bwd, peak(self.traced(self.bwd, key, "bwd")))
 
     def time(self, profile, backward: bool) -> float:
         """Roofline time of the op: its chunk graphs, once per chunk."""
         from memfit.planner.cost import node_time
 
         table = self.bwd if backward else (self.fwdbwd if self.plan.grad_in_forward else self.fwd)
-        return sum(sum(node_time(n, profile) for n in table[e - s].graph.nodes) for s, e in self.ranges())
+        return sum(sum(node_time(n, profile) for n in table[self.chunk_key(s, e)].graph.nodes) for s, e in self.ranges())
 
-    def traced(self, table, c, kind):
-        if c in table:
-            return table[c]
+    def traced(self, table, key, kind):
+        if key in table:
+            return table[key]
+        c = key[0]
         fn = self.chunk_forward_fn(c)
         n_in = len(self.input_layouts)
         if kind == "fwd":
-            mode, fakes = self._chunk_fakes(self._xs_meta, c)
+            mode, fakes = self._chunk_fakes(self._xs_meta, key)
             with mode:
                 g = make_fx(fn, tracing_mode="real")(*fakes)
         else:
             diff_idx = self._diff_positions()
             gmeta = []
-            mode, fakes0 = self._chunk_fakes(self._xs_meta, c)
+            mode, fakes0 = self._chunk_fakes(self._xs_meta, key)
             with mode:
                 probe = fn(*fakes0)
             for i in diff_idx:
                 gmeta.append((tuple(probe[i].shape), probe[i].dtype, probe[i].device))
             extra = gmeta if kind == "bwd" else []
-            mode, fakes = self._chunk_fakes(self._xs_meta, c, extra)
+            mode, fakes = self._chunk_fakes(self._xs_meta, key, extra)
             needs = self.needs
 
             def vjp(*args):
@@ -247,7 +268,7 @@ class _Region:
             _cross_entropy_grad_in_place(g)
             _accumulate_in_place(g, self._shared_grad_positions(kind))
         g.recompile()
-        table[c] = g
+        table[key] = g
         return g
 
     def _shared_grad_positions(self, kind):
@@ -277,6 +298,7 @@ class _Region:
         return out
 
     def run_forward(self, xs):
+        given, xs = xs, self.conform(xs)  # gradients take the given inputs' strides (the fake kernel's)
         device = xs[0].device
         grad_mode = self.plan.grad_in_forward
         # the outputs keep the strides the graph had for them (a later ``view`` may rely on them)
@@ -285,12 +307,11 @@ class _Region:
         partial: list = [None] * sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs)
         gfull = []
         if grad_mode:
-            gfull = [torch.zeros_like(x) if isinstance(lay, Tok) else torch.zeros_like(x)
-                     for x, lay, need in zip(xs, self.input_layouts, self.needs) if need]
+            gfull = [torch.zeros_like(x) for x, need in zip(given, self.needs) if need]
         for s, e in self.ranges():
             c = e - s
             xc = self.slice_inputs(xs, s, e)
-            g = self.traced(self.fwdbwd if grad_mode else self.fwd, c, "fwdbwd" if grad_mode else "fwd")
+            g = self.traced(self.fwdbwd if grad_mode else self.fwd, self.chunk_key(s, e), "fwdbwd" if grad_mode else "fwd")
             res = list(g(*xc, *self._accumulators(gfull)))
             self.chunk_runs += 1
             n_chunk_out = len(self._tok_names) + len(partial)
@@ -338,7 +359,8 @@ class _Region:
         return sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs[:j])
 
     def run_backward(self, xs, small, grads):
-        gfull = [torch.zeros_like(x) for x, need in zip(xs, self.needs) if need]
+        given, xs = xs, self.conform(xs)  # gradients take the given inputs' strides (the fake kernel's)
+        gfull = [torch.zeros_like(x) for x, need in zip(given, self.needs) if need]
         # the incoming gradient of each reduction's partial sum
         acc_g = {}
         for m, g in zip(self.outputs, grads):
@@ -368,7 +390,7 @@ class _Region:
                     a = self.accs[j]
                     if a.dtype.is_floating_point and self._acc_diff[name]:
                         gc.append(acc_g[j])
-            got = self.traced(self.bwd, c, "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
+            got = self.traced(self.bwd, self.chunk_key(s, e), "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
             self.chunk_runs += 1
             self._write_token_grads(gfull, got, s, e)
             del got, gc, xc  # before the next chunk runs
@@ -391,7 +413,9 @@ class _Region:
         k = 0
         for lay, need in zip(self.input_layouts, self.needs):
             if need:
-                if isinstance(lay, Tok):
+                if isinstance(lay, Tok) and lay.prefix:  # keys/values: every later chunk adds to them
+                    lay.rows(gfull[k], self.seq, 0, e).add_(got[k])
+                elif isinstance(lay, Tok):
                     lay.write(gfull[k], self.seq, s, e, got[k])
                 k += 1
 
@@ -489,6 +513,8 @@ def _run_chunked(n, args, kwargs, seq, c):
             return t(args[0], shape)
         # a chunk of an input is a strided slice: a view the whole tensor allowed may need a copy now
         return aten.reshape.default(args[0], shape)
+    if n.meta.get("memfit_attn"):
+        return _causal_prefix_attention(args[0], args[1], args[2], kwargs.get("scale"))
     if n.meta.get("memfit_reduce") is None:
         return args[0][args[1]] if t is operator.getitem else t(*args, **kwargs)
     # a token reduction: each chunk gives its partial sum
@@ -503,6 +529,17 @@ def _run_chunked(n, args, kwargs, seq, c):
     if t is operator.getitem:
         return args[0][args[1]]
     return t(*args, **kwargs)
+
+
+def _causal_prefix_attention(q, k, v, scale=None):
+    """Causal attention of a query chunk against the keys and values of its prefix: query row i of the
+    chunk is token ``e - c + i`` and sees keys ``0 .. e - c + i`` (lower-right alignment; ``is_causal``
+    would align top-left when the lengths differ). The additive mask is ``chunk x prefix``, never
+    ``T x T``; its first chunk is the usual lower triangle. Exact: same kernel, same keys per row."""
+    c, e = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(c, e, dtype=torch.bool, device=q.device).tril(e - c)
+    mask = torch.zeros(c, e, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    return aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
 # -- custom ops ----------------------------------------------------------------------------------------
@@ -600,6 +637,8 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
             m.meta["memfit_tok"] = lay
         if name in reductions:
             m.meta["memfit_reduce"] = reductions[name]
+        if n.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
+            m.meta["memfit_attn"] = True  # a member attention (the planner checked it is causal, no mask)
         env[n] = m
     tok_outputs, tok_names, accs, outputs, out_meta, out_nodes = [], [], [], [], [], []
     acc_index: dict = {}
@@ -626,7 +665,7 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
         else:
             outputs.append(("acc", acc_for(n, lay), 0))
         out_nodes.append(n)
-        out_meta.append((tuple(v.shape), v.dtype, tuple(v.stride())))
+        out_meta.append((tuple(v.shape), v.dtype, _dense_strides(v)))
     for j, a in enumerate(accs):  # the backward of a mean over nll needs its total weight
         if a.kind in (NLL, SUM + "_nll") and ("acc", j, 1) not in outputs:
             nll = by[a.node]
@@ -648,6 +687,14 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
     region._xs_meta = xs_meta
     region._out_nodes = out_nodes
     return region
+
+
+def _dense_strides(v: torch.Tensor) -> tuple[int, ...]:
+    """The value's strides when they are a plain layout (a transposed view keeps them: a later ``view``
+    may rely on them); contiguous ones for an ``expand``ed value, whose repeated rows cannot be written."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+
+    return tuple(v.stride()) if dense(v) else tuple(torch.empty(v.shape, device="meta").stride())
 
 
 def _toposort(graph: torch.fx.Graph) -> None:

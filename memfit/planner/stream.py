@@ -44,6 +44,9 @@ class Tok:
     dim: int
     outer: int = 1
     inner: int = 1
+    prefix: bool = False
+    """A causal attention's keys or values: chunk ``[s, e)`` reads rows ``[0, e)`` (and its gradient
+    there is accumulated over the chunks)."""
 
     def chunk_shape(self, shape, seq: int, c: int) -> list[int]:
         s = list(shape)
@@ -470,7 +473,7 @@ def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
             continue
         if n.op != "call_function":
             continue
-        if n.target is operator.getitem and info.member.get(n.args[0], "row") != "row":
+        if n.target is operator.getitem and info.member.get(n.args[0], "row") not in ("row", "attn"):
             info.member[n] = "item"  # an output of a token reduction (the loss, its normaliser)
             info.layout[n] = None
             continue
@@ -488,7 +491,11 @@ def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
         if n.target in _ATTENTION:
             q = info.layout.get(n.args[0])
             info.layout[n] = (q, q) + (None,) * 10 if isinstance(q, Tok) else None
-            info.reason[n] = "attention mixes the tokens"
+            why = _causal_streamable(n, info, seq)
+            if why is None:
+                info.member[n] = "attn"  # streamed by query chunks against the prefix of K and V
+            else:
+                info.reason[n] = why
             continue
         if rule is None:
             info.reason[n] = ("random op (its mask cannot be drawn chunk by chunk as it is drawn whole)"
@@ -504,6 +511,31 @@ def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
         info.layout[n] = out
         info.member.setdefault(n, "row")
     return info
+
+
+_CAUSAL_CPU = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu").default
+
+
+def _causal_streamable(n, info: _Info, seq: int) -> str | None:
+    """None when the attention can run by query chunks (each chunk against the keys and values of its
+    prefix, causal alignment lower-right); else why not, for the report."""
+    if n.target is not _CAUSAL_CPU:
+        return "attention mixes the tokens (only the CPU flash kernel is streamed by query chunks so far)"
+    args = list(n.args) + [None] * 5
+    dropout = args[3] if args[3] is not None else n.kwargs.get("dropout_p", 0.0)
+    causal = args[4] if args[4] is not None else n.kwargs.get("is_causal", False)
+    if n.kwargs.get("attn_mask") is not None:
+        return "attention with an explicit mask mixes the tokens (a causal is_causal=True attention is streamed)"
+    if not causal:
+        return "non-causal attention mixes the tokens"
+    if dropout:
+        return "attention with dropout (its mask cannot be drawn chunk by chunk as it is drawn whole)"
+    lays = [info.layout.get(a) for a in n.args[:3]]
+    shapes = [_shape(a) for a in n.args[:3]]
+    if not all(isinstance(t, Tok) and t.outer == 1 and t.inner == 1 and t.dim == len(sh) - 2 and sh[-2] == seq
+               for t, sh in zip(lays, shapes)):
+        return "attention whose query, key and value do not hold the tokens in dim -2"
+    return None
 
 
 def _keep_layout(n, info: _Info) -> None:
@@ -524,7 +556,7 @@ def _has_tok(x) -> bool:
     return isinstance(x, Tok) or (isinstance(x, tuple) and any(isinstance(t, Tok) for t in x))
 
 
-_HEAVY = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._log_softmax.default, aten._softmax.default}
+_HEAVY = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._log_softmax.default, aten._softmax.default, *_ATTENTION}
 
 
 def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: set) -> tuple[StreamPlan, _Info]:
@@ -544,7 +576,7 @@ def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: se
 
     for n in members:
         for a in n.all_input_nodes:
-            if a in parent and level[a] == level[n] and (info.member[a] == "row" or info.member[n] == "item"):
+            if a in parent and level[a] == level[n] and (info.member[a] in ("row", "attn") or info.member[n] == "item"):
                 parent[find(a)] = find(n)
     groups: dict = {}
     for n in members:
@@ -578,10 +610,11 @@ def _levels(nodes, info: _Info) -> dict:
         ins = n.all_input_nodes
         if n in info.member:
             lv = 0
+            attn = info.member[n] == "attn"  # its K and V must be whole before its first chunk runs
             for a in ins:
                 if a in info.member:
                     kind_a = info.member[a]
-                    same = kind_a == "row" or info.member[n] == "item"
+                    same = (kind_a in ("row", "attn") or info.member[n] == "item") and not attn
                     lv = max(lv, level[a] if same else level[a] + 1)
                 elif taint.get(a, -1) >= 0:
                     lv = max(lv, taint[a] + 1)
@@ -606,6 +639,11 @@ def _region(gm, name, group, info, seq, chunks, needs_grad, order) -> RegionPlan
                 lay = next((t for (m, x), t in info.inferred.items() if x is a and m in gset), None)
             if isinstance(info.layout.get(a), tuple):
                 return None  # a multi-output value is taken through its getitems
+            kv = [m for m in a.users if m in gset and info.member.get(m) == "attn" and a in m.args[1:3]]
+            if kv:
+                if any(m in gset and m not in kv for m in a.users) or a in kv[0].args[:1]:
+                    return None  # read whole by the attention and by rows elsewhere: not both
+                lay = dataclasses.replace(lay, prefix=True)
             inputs.append(a)
             input_layouts.append(lay)
     outputs, output_layouts = [], []
