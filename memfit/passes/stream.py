@@ -759,7 +759,8 @@ def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) 
         for i, n in enumerate(region._out_nodes):
             with gm.graph.inserting_after(cursor):
                 item = gm.graph.call_function(operator.getitem, (op, i))
-            item.meta = dict(n.meta) if n is not None else {"val": vals[i]}
+            item.meta = dict(n.meta) if n is not None else {}
+            item.meta["val"] = vals[i]  # the layout the op really returns (a later region is traced for it)
             cursor = item
             if n is not None:
                 n.replace_all_uses_with(item)
