@@ -202,23 +202,25 @@ class MemfitBackend:
         """
         budget = self.step_budget().budget
         searched = budget is not None and self.options.stream_chunks is None
-        # (regions kept: the n largest, None = all; chunk multiplier), cheapest first
-        tries = [(None, 1)]
+        # (regions kept: the n largest, None = all; chunk multiplier; attention by query chunks)
+        tries = [(None, 1, False)]
         if searched:
             n = self._stream_region_count(gm, example_inputs)
             if n:
-                tries = [(k, 1) for k in range(1, n)] + [(None, 1), (None, 2), (None, 4), (None, 8)]
+                tries = [(k, 1, False) for k in range(1, n)] + [(None, 1, False)]
+            tries += [(None, m, True) for m in (1, 2, 4, 8)]
         start, retries = list(self._pending_notes), []
         traced, plan = gm, None
-        for i, (largest, mult) in enumerate(tries):
+        for i, (largest, mult, attention) in enumerate(tries):
             self._pending_notes[:] = start + retries
-            traced, plan = self._stream_once(gm, example_inputs, mult, largest)
+            traced, plan = self._stream_once(gm, example_inputs, mult, largest, attention=attention)
             if traced is gm or i == len(tries) - 1:
                 break
             peak = self._predicted_peak(traced, example_inputs)
             if peak is not None and peak <= budget:
                 break
-            what = f"the {largest} largest region(s)" if largest else f"every region, chunk counts x{mult}"
+            what = f"the {largest} largest region(s)" if largest else f"every region, chunk counts x{mult}" + (
+                ", attentions by query chunks" if attention else "")
             retries.append(
                 f"stream: streaming {what}, the predicted peak {format_bytes(peak) if peak else 'is infeasible'} "
                 f"is over the budget {format_bytes(budget)}; trying more"
@@ -251,7 +253,8 @@ class MemfitBackend:
         self._pending_notes[:] = notes
         return len(plan.regions) if plan is not None else 0
 
-    def _stream_once(self, gm, example_inputs, multiplier: int, largest: int | None = None, apply: bool = True):
+    def _stream_once(self, gm, example_inputs, multiplier: int, largest: int | None = None, apply: bool = True,
+                     attention: bool = False):
         from memfit.passes import stream as sp
         from memfit.planner.stream import plan_stream
 
@@ -263,7 +266,7 @@ class MemfitBackend:
                 raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)")
             traced = sp.to_aten(gm, example_inputs)
             need = sp.needs_grad(traced, example_inputs)
-            plan, info = plan_stream(traced, example_inputs, self.options, need, multiplier, largest)
+            plan, info = plan_stream(traced, example_inputs, self.options, need, multiplier, largest, attention)
             if not plan.regions:
                 raise CantApply("no token-wise region with a matmul or a softmax; " + "; ".join(plan.notes))
             if not apply:

@@ -60,7 +60,7 @@ def _gpt(**kw):
 def test_gpt_matches_unstreamed_and_runs_each_region_in_chunks(inner):
     model, idx, tgt = _gpt()
     ref = _grads(model, lambda: model(idx, tgt))
-    be = memfit.backend(passes=["stream"], inner=inner, stream_chunks=4)
+    be = memfit.backend(passes=["stream"], inner=inner, stream_chunks=4, stream_attention=True)
     compiled = torch.compile(model, backend=be)
     _assert_close(_grads(model, lambda: compiled(idx, tgt)), ref)
 
@@ -88,10 +88,12 @@ def test_uneven_last_chunk_and_merged_batch_rows():
     """60 tokens in 8 chunks (the last has 4); batch 3 makes the LM head see [B*T, d] rows (outer=3)."""
     model, idx, tgt = _gpt(batch=3, seq=60, block_size=60)
     ref = _grads(model, lambda: model(idx, tgt))
-    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=8)
+    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=8, stream_attention=True)
     compiled = torch.compile(model, backend=be)
     _assert_close(_grads(model, lambda: compiled(idx, tgt)), ref)
     assert sorted({e - s for s, e in _regions(be)[0].ranges()}) == [4, 8]
+    # the attention's chunk graphs exist per prefix length: 8 chunks, 8 distinct (length, end) keys
+    assert len(_regions(be)[1].fwd) == 8
 
 
 def _hf_batch(vocab):
@@ -128,7 +130,7 @@ def test_hf_models_with_padding_and_ignore_index(arch, padding, inner):
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     ref = _grads(model, lambda: step(ids, mask, labels))
-    be = memfit.backend(passes=["stream"], inner=inner, stream_chunks=4)
+    be = memfit.backend(passes=["stream"], inner=inner, stream_chunks=4, stream_attention=True)
     compiled = torch.compile(step, backend=be)
     _assert_close(_grads(model, lambda: compiled(ids, mask, labels)), ref)
     regions = _regions(be)
@@ -233,9 +235,18 @@ def test_layout_rules():
     torch.testing.assert_close(flat.rows(x.view(12, 3), 6, 2, 4), x[:, 2:4].reshape(4, 3))
 
 
-def test_options():
+def test_options_and_attention_default():
     with pytest.raises(ValueError, match="stream_chunks=0 must be a positive int"):
         memfit.backend(passes=["stream"], stream_chunks=0)
+    with pytest.raises(ValueError, match="stream_attention='yes' must be True, False or None"):
+        memfit.backend(passes=["stream"], stream_attention="yes")
+    # with no budget to meet, the attentions stay whole (cheaper on CPU) and end the regions, saying why
+    model, idx, tgt = _gpt()
+    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=2)
+    torch.compile(model, backend=be)(idx, tgt).backward()
+    attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert len(_ops(be.records[0].pair.forward, attn)) == 2
+    assert any("not needed for the budget" in n for n in be.records[0].notes)
     assert "stream" not in memfit.backend(passes="auto")._passes  # opt-in for now
 
 

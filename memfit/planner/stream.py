@@ -461,7 +461,7 @@ def seq_len_of(example_inputs) -> int | None:
     return None
 
 
-def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
+def analyse(gm: torch.fx.GraphModule, seq: int, attention: bool = True) -> _Info:
     """Propagate token layouts from the token inputs and mark the row-local ops."""
     info = _Info()
     rules = _Rules(info, seq)
@@ -491,7 +491,8 @@ def analyse(gm: torch.fx.GraphModule, seq: int) -> _Info:
         if n.target in _ATTENTION:
             q = info.layout.get(n.args[0])
             info.layout[n] = (q, q) + (None,) * 10 if isinstance(q, Tok) else None
-            why = _causal_streamable(n, info, seq)
+            why = _causal_streamable(n, info, seq) if attention else (
+                "attention mixes the tokens (not streamed by query chunks: not needed for the budget)")
             if why is None:
                 info.member[n] = "attn"  # streamed by query chunks against the prefix of K and V
             else:
@@ -559,9 +560,10 @@ def _has_tok(x) -> bool:
 _HEAVY = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._log_softmax.default, aten._softmax.default, *_ATTENTION}
 
 
-def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: set) -> tuple[StreamPlan, _Info]:
+def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: set,
+                 attention: bool = True) -> tuple[StreamPlan, _Info]:
     """The regions worth streaming (they hold a matmul or a softmax), with the ops that ended them."""
-    info = analyse(gm, seq)
+    info = analyse(gm, seq, attention)
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     members = [n for n in nodes if n in info.member]
@@ -692,7 +694,7 @@ MIN_CHUNK_TOKENS = 128
 
 
 def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: int = 1,
-                largest: int | None = None) -> tuple[StreamPlan, _Info]:
+                largest: int | None = None, attention: bool = False) -> tuple[StreamPlan, _Info]:
     """The stream plan for one graph: its regions and each one's chunk count.
 
     ``stream_chunks`` fixes the count. Otherwise each region gets the fewest chunks (a power of two)
@@ -711,7 +713,9 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
         raise CantApply("no integer [batch, seq] input (input_ids) to stream along")
     if not _static(gm):
         raise CantApply("dynamic shapes: streaming needs a static sequence length")
-    plan, info = find_regions(gm, seq, options.stream_chunks or 1, needs_grad)
+    if options.stream_attention is not None:
+        attention = options.stream_attention
+    plan, info = find_regions(gm, seq, options.stream_chunks or 1, needs_grad, attention)
     if largest is not None:
         keep = {r.name for r in sorted(plan.regions, key=lambda r: -r.region_bytes)[:largest]}
         skipped = [r for r in plan.regions if r.name not in keep]
