@@ -231,7 +231,7 @@ class MemfitBackend:
 
     def _predicted_peak(self, gm, example_inputs) -> int | None:
         """The predicted peak of ``gm``'s step (None: no plan fits), leaving no record behind."""
-        n, notes = len(self.records), list(self._pending_notes)
+        n, notes, infeasible = len(self.records), list(self._pending_notes), list(self.infeasible)
         self._in_stream_probe = True  # gm is already streamed
         try:
             with warnings.catch_warnings():
@@ -244,6 +244,7 @@ class MemfitBackend:
             self._in_stream_probe = False
             del self.records[n:]
             self._pending_notes[:] = notes
+            self.infeasible[:] = infeasible  # a probe's verdict is not the graph's
 
     def _stream_region_count(self, gm, example_inputs) -> int:
         notes = list(self._pending_notes)
