@@ -123,7 +123,7 @@ def part_maxlen(budget: int) -> dict:
     print(f"\n== 2. longest sequence under {format_bytes(budget)} (measured peak), GPT {LAYERS}x{WIDTH}, "
           f"vocab {VOCAB}, batch 1, Inductor", flush=True)
     ck, ck_probes = _max_len("checkpoint", budget, 256, 4096)
-    st, st_probes = _max_len("stream", budget, 256, 65536, step=512)
+    st, st_probes = _max_len("stream", budget, 256, 10240, step=512)
     same = run("stream", ck, repeat=5, budget=budget) if ck else None
     ck_run = run("checkpoint", ck, repeat=5) if ck else None
     rows = []

@@ -691,6 +691,9 @@ def _nbytes(n) -> int:
 
 #: Fewest tokens per chunk the planner picks by itself (a budget can push it down to 16).
 MIN_CHUNK_TOKENS = 128
+#: Most chunks for a region with an attention: its chunk graphs are traced once per prefix length
+#: (about 50 ms each), so 1024 chunks of a 16k sequence would spend a minute tracing.
+MAX_ATTENTION_CHUNKS = 64
 
 
 def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: int = 1,
@@ -732,6 +735,8 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
             while r.region_bytes / k > hidden and seq // (2 * k) >= MIN_CHUNK_TOKENS:
                 k *= 2
             k = min(k * multiplier, max(seq // 16, 1))
+            if any(isinstance(lay, Tok) and lay.prefix for lay in r.input_layouts):
+                k = min(k, MAX_ATTENTION_CHUNKS)
             regions.append(dataclasses.replace(r, chunks=k))
         plan = dataclasses.replace(plan, regions=tuple(regions))
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(
