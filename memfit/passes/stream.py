@@ -97,8 +97,12 @@ class _Acc:
     node: str
     kind: str
     count: int = 1  # mean: the number of elements averaged
-    shape: tuple = ()
     dtype: torch.dtype = torch.float32
+
+    @property
+    def width(self) -> int:
+        """Partials per chunk: the sum, and for nll_loss its total weight too."""
+        return 2 if self.kind in (NLL, SUM + "_nll") else 1
 
 
 @dataclass
@@ -116,8 +120,6 @@ class _Region:
     outputs: list
     """Per op output: ("tok", i) | ("acc", j, item) — how it is made."""
     out_meta: list
-    diff: list = field(default_factory=list)
-    """The chunk graph outputs that get an incoming gradient: ("tok", i) or ("acc", j)."""
     fwd: dict = field(default_factory=dict)
     bwd: dict = field(default_factory=dict)
     fwdbwd: dict = field(default_factory=dict)
@@ -186,16 +188,13 @@ class _Region:
                     env[n] = _run_chunked(n, args, kwargs, seq, c)
             for kind, *rest in self._chunk_out_spec():
                 if kind == "tok":
-                    outs.append(env[self._node(rest[0])])
+                    outs.append(env[self._nodes[rest[0]]])
                 else:
-                    v = env[self._node(rest[0])]
+                    v = env[self._nodes[rest[0]]]
                     outs.extend(v if isinstance(v, (list, tuple)) else [v])
             return tuple(outs)
 
         return run
-
-    def _node(self, name):
-        return self._nodes[name]
 
     def _chunk_out_spec(self):
         return [("tok", name) for name in self._tok_names] + [("acc", a.node) for a in self.accs]
@@ -273,7 +272,7 @@ class _Region:
 
     def _shared_grad_positions(self, kind):
         """Positions among the chunk graph's outputs of the gradients of shared inputs (weights)."""
-        first = len(self._tok_names) + sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs) if kind == "fwdbwd" else 0
+        first = len(self._tok_names) + sum(a.width for a in self.accs) if kind == "fwdbwd" else 0
         grads = [lay for lay, need in zip(self.input_layouts, self.needs) if need]
         return [first + i for i, lay in enumerate(grads) if not isinstance(lay, Tok)]
 
@@ -294,7 +293,7 @@ class _Region:
                 acc = next(a for a in self.accs if a.node == name)
                 if acc.dtype.is_floating_point and self._acc_diff[name]:
                     out.append(pos)
-                pos += 2 if acc.kind in (NLL, SUM + "_nll") else 1
+                pos += acc.width
         return out
 
     def run_forward(self, xs):
@@ -304,12 +303,11 @@ class _Region:
         # the outputs keep the strides the graph had for them (a later ``view`` may rely on them)
         tok_full = [torch.empty_strided(shape, self.out_meta[i][2], dtype=dtype, device=device)
                     for (i, _, shape, dtype) in self.tok_outputs]
-        partial: list = [None] * sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs)
+        partial: list = [None] * sum(a.width for a in self.accs)
         gfull = []
         if grad_mode:
             gfull = [torch.zeros_like(x) for x, need in zip(given, self.needs) if need]
         for s, e in self.ranges():
-            c = e - s
             xc = self.slice_inputs(xs, s, e)
             g = self.traced(self.fwdbwd if grad_mode else self.fwd, self.chunk_key(s, e), "fwdbwd" if grad_mode else "fwd")
             res = list(g(*xc, *self._accumulators(gfull)))
@@ -324,7 +322,6 @@ class _Region:
                 self._write_token_grads(gfull, gs, s, e)
             del res, outs, gs, xc  # before the next chunk runs: two chunks' results never coexist
         results = []
-        scale = None
         for m in self.outputs:
             if m[0] == "tok":
                 results.append(tok_full[m[1]])
@@ -332,31 +329,28 @@ class _Region:
             _, j, item = m
             a = self.accs[j]
             base = self._acc_offset(j)
-            S = partial[base]
-            if a.kind == NLL:
-                W = partial[base + 1]
-                results.append(S / W if item == 0 else W)
-                if item == 0:
-                    scale = 1 / W
-            elif a.kind == SUM + "_nll":
-                results.append(S if item == 0 else partial[base + 1])
+            if item == 1:  # nll_loss's total weight
+                results.append(partial[base + 1])
+            elif a.kind == NLL:
+                results.append(partial[base] / partial[base + 1])
             elif a.kind == MEAN:
-                results.append(S / a.count)
-                scale = 1.0 / a.count
+                results.append(partial[base] / a.count)
             else:
-                results.append(S)
+                results.append(partial[base])
         if grad_mode:
-            if scale is None and any(a.kind in (NLL, MEAN) for a in self.accs):
-                for j, a in enumerate(self.accs):  # the normaliser of the differentiable reduction
-                    base = self._acc_offset(j)
-                    scale = 1 / partial[base + 1] if a.kind == NLL else 1.0 / a.count if a.kind == MEAN else scale
-            if scale is not None:
-                gfull = [g.mul_(scale) for g in gfull]
+            # the gradients were of the partial sums: divide by the differentiable reduction's normaliser
+            for j, a in enumerate(self.accs):
+                if not self._acc_diff[a.node]:
+                    continue
+                if a.kind == NLL:
+                    gfull = [g.mul_(1 / partial[self._acc_offset(j) + 1]) for g in gfull]
+                elif a.kind == MEAN:
+                    gfull = [g.mul_(1.0 / a.count) for g in gfull]
             results += gfull
         return results
 
     def _acc_offset(self, j: int) -> int:
-        return sum(2 if a.kind in (NLL, SUM + "_nll") else 1 for a in self.accs[:j])
+        return sum(a.width for a in self.accs[:j])
 
     def run_backward(self, xs, small, grads):
         given, xs = xs, self.conform(xs)  # gradients take the given inputs' strides (the fake kernel's)
@@ -376,7 +370,6 @@ class _Region:
                 else:
                     acc_g[j] = g
         for s, e in self.ranges():
-            c = e - s
             xc = self.slice_inputs(xs, s, e)
             gc = []
             for kind, name in self._chunk_out_spec():
@@ -649,7 +642,7 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
             out0 = out[0] if isinstance(out, (list, tuple)) else out
             count = src.numel() // max(out0.numel(), 1)
             acc_index[node.name] = len(accs)
-            accs.append(_Acc(node.name, kind, count, tuple(out0.shape), out0.dtype))
+            accs.append(_Acc(node.name, kind, count, out0.dtype))
         return acc_index[node.name]
 
     for name, lay in zip(rp.outputs, rp.output_layouts):
@@ -667,7 +660,7 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
         out_nodes.append(n)
         out_meta.append((tuple(v.shape), v.dtype, _dense_strides(v)))
     for j, a in enumerate(accs):  # the backward of a mean over nll needs its total weight
-        if a.kind in (NLL, SUM + "_nll") and ("acc", j, 1) not in outputs:
+        if a.width == 2 and ("acc", j, 1) not in outputs:
             nll = by[a.node]
             w = nll.meta["val"][1]
             outputs.append(("acc", j, 1))

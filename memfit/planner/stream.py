@@ -89,8 +89,6 @@ class RegionPlan:
     grad_in_forward: bool
     """The region's only differentiable output is a reduction (the loss): each chunk's backward runs
     in the forward, right after it, and the backward only scales the gradients — no recompute."""
-    stopped_by: tuple[str, ...] = ()
-    """Ops next to the region that ended it, with the reason."""
     region_bytes: int = 0
     """Bytes of the region's intermediates for the whole sequence (what streaming avoids holding)."""
 
@@ -589,7 +587,7 @@ def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: se
         if not any(n.target in _HEAVY for n in group):
             continue
         group = sorted(group, key=order.get)
-        r = _region(gm, f"s{len(regions)}", group, info, seq, chunks, needs_grad, order)
+        r = _region(f"s{len(regions)}", group, info, chunks, needs_grad)
         if r is not None:
             regions.append(r)
     stops = sorted({f"{_opname(n)}: {why}" for n, why in info.reason.items()})
@@ -629,7 +627,7 @@ def _levels(nodes, info: _Info) -> dict:
     return level
 
 
-def _region(gm, name, group, info, seq, chunks, needs_grad, order) -> RegionPlan | None:
+def _region(name, group, info, chunks, needs_grad) -> RegionPlan | None:
     gset = set(group)
     inputs, input_layouts = [], []
     for n in group:
