@@ -227,7 +227,15 @@ def test_layout_rules():
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert info.layout[out[0]] == Tok(0, outer=2, inner=1)  # rows of [B*T, d]: batch outside the tokens
     assert info.layout[out[1]] == Tok(2)  # [B, heads, T, hd]
-    # a view that splits the token dim has no rule
+    # a view that splits the token dim stops, with the reason recorded
+    def split(ids, w):
+        return torch.nn.functional.embedding(ids, w).view(2, 4, 4, 32)  # T=16 split into 4 x 4
+
+    gm = sp.to_aten(torch.fx.symbolic_trace(split), [ids, w])
+    info = analyse(gm, 16)
+    view = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.view.default)
+    assert view not in info.member and "splits the token dim" in info.reason[view]
+    # rows() takes chunk rows in both layouts
     tok = Tok(1)
     x = torch.arange(2 * 6 * 3.0).view(2, 6, 3)
     torch.testing.assert_close(tok.rows(x, 6, 2, 4), x[:, 2:4])
