@@ -179,7 +179,9 @@ class Problem:
 
         needed = {a for u in bw_side for a in u.all_input_nodes if a in idx}
         needed |= {a for a in bw_outputs if a in idx}
-        for a in needed:
+        # rows in graph order, not set order: HiGHS breaks ties by row order, and two FSDP ranks once
+        # chose different plans of equal peak for the identical graph
+        for a in sorted(needed, key=idx.__getitem__):
             add([(idx[a], 1), (n + idx[a], 1)], 1)  # s + r >= 1
         layer = {c: _layer_of(c) for c in self.cands}
         for c in self.cands:
