@@ -17,7 +17,7 @@ The table gives each configuration's peak and time and their ratios to ``eager``
 for each memfit row, the ratios to per-layer checkpointing and to the ``activation_memory_budget``
 fraction whose measured peak is closest. A markdown copy goes to ``--out`` (and JSON beside it).
 
-    python benchmarks/acceptance.py                      # CI size, ~8 min on a 2-core CPU
+    python benchmarks/acceptance.py                      # CI size, one thread per process
     python benchmarks/acceptance.py --size full          # bigger models (a GPU, or patience)
     python benchmarks/acceptance.py --models gpt,llama --out results.md
 
@@ -114,6 +114,8 @@ def worker(spec: dict) -> dict:
     from memfit.measure import measure, training_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     model, args, kwargs, layers = build(spec["model"], spec["size"], device)
     cfg = spec["config"]
     out = {"model": spec["model"], "config": cfg, "device": device}
@@ -152,10 +154,18 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # -- driver --------------------------------------------------------------------------------------
 def run_config(spec: dict, timeout: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # Inductor's compile workers are processes of their own: one in-process thread keeps a configuration
+    # that is compiling on its core while the other one is timed (parallel memfit steps measured 2x slower)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHINDUCTOR_COMPILE_THREADS="1")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -221,6 +231,13 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(KINDS), help=f"comma-separated kinds, from {', '.join(KINDS)}")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per configuration (median)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
+    p.add_argument("--threads", type=int, default=1 if not _has_cuda() else 0,
+                   help="CPU threads per configuration (0: torch's default). Default 1 on CPU: with two OpenMP "
+                        "threads and another job on one of 2 cores, the same step took 28 ms in one process and "
+                        "1055 ms in the next")
+    p.add_argument("--jobs", type=int, default=2 if not _has_cuda() else 1,
+                   help="configurations run at once, each in its own process (default 2 on CPU: one per core of a "
+                        "2-core machine, one thread each; 1 on a GPU)")
     p.add_argument("--out", help="write the markdown tables here (and the raw results as .json beside it)")
     a = p.parse_args(argv)
     if a.worker:
@@ -239,36 +256,42 @@ def main(argv=None) -> int:
     import torch
 
     print(f"torch {torch.__version__}; size {a.size}: {L} layers x {d} wide, {h} heads, vocab {V}, "
-          f"batch {B} x {T} tokens; one process per configuration", flush=True)
+          f"batch {B} x {T} tokens; one process per configuration, {a.threads or 'default'} thread(s) each, {a.jobs} at once", flush=True)
     t_start = time.perf_counter()
     configs = [c for c in ["eager", "compile"] + [f"amb={f}" for f in AMB_FRACTIONS[a.size]] + ["checkpoint"]
                if c.split("=")[0] in kinds]
-    results: dict[str, list[dict]] = {}
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    order = {c: i for i, c in enumerate(configs + [f"memfit={f}" for f in MEMFIT_FRACTIONS[a.size]])}
+    results: dict[str, list[dict]] = {name: [] for name in models}
     failed = 0
-    for name in models:
-        rows = results[name] = []
-        todo = [{"model": name, "size": a.size, "config": c, "repeat": a.repeat} for c in configs]
-        i = 0
-        while i < len(todo):
-            spec = todo[i]
-            t0 = time.perf_counter()
-            r = run_config(spec, a.timeout)
-            rows.append(r)
-            what = (f"peak {fmt_mib(r['peak'])} MiB, {r['time_s'] * 1e3:.1f} ms/step" if "peak" in r else
-                    f"no plan fits (smallest {fmt_mib(r['smallest_peak'])} MiB)" if r.get("infeasible") else
-                    f"FAILED: {r.get('error')}")
-            failed += "error" in r and not r.get("infeasible")
-            print(f"[{time.perf_counter() - t_start:6.0f} s] {name:6s} {spec['config']:12s} {what}  "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            if spec["config"] == "compile" and "peak" in r and "memfit" in kinds:  # memfit's budgets are fractions of this peak
-                todo += [{**spec, "config": f"memfit={f}", "budget": int(r["peak"] * f)} for f in MEMFIT_FRACTIONS[a.size]]
-            i += 1
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        def submit(spec):
+            return pool.submit(lambda: (spec, time.perf_counter(), run_config(spec, a.timeout), time.perf_counter()))
+
+        pending = {submit({"model": name, "size": a.size, "config": c, "repeat": a.repeat, "threads": a.threads})
+                   for name in models for c in configs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec, t0, r, t1 = fut.result()
+                results[spec["model"]].append(r)
+                what = (f"peak {fmt_mib(r['peak'])} MiB, {r['time_s'] * 1e3:.1f} ms/step" if "peak" in r else
+                        f"no plan fits (smallest {fmt_mib(r['smallest_peak'])} MiB)" if r.get("infeasible") else
+                        f"FAILED: {r.get('error')}")
+                failed += "error" in r and not r.get("infeasible")
+                print(f"[{t1 - t_start:6.0f} s] {spec['model']:6s} {spec['config']:12s} {what}  ({t1 - t0:.0f} s)", flush=True)
+                if spec["config"] == "compile" and "peak" in r and "memfit" in kinds:  # budgets: fractions of this peak
+                    pending |= {submit({**spec, "config": f"memfit={f}", "budget": int(r["peak"] * f)})
+                                for f in MEMFIT_FRACTIONS[a.size]}
+    for rows in results.values():
+        rows.sort(key=lambda r: order.get(r["config"], len(order)))
     text = tables(results)
     print("\n" + text)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if a.out:
         with open(a.out, "w") as f:
-            f.write(f"`python benchmarks/acceptance.py --size {a.size} --models {','.join(models)}` "
+            f.write(f"`python benchmarks/acceptance.py --size {a.size} --models {','.join(models)} --threads {a.threads} --jobs {a.jobs}` "
                     f"(torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'})\n\n{text}")
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
             json.dump(results, f, indent=1)
