@@ -481,19 +481,23 @@ def _planned(step: Step | None) -> bool:
     return step is not None and step.record.plan is not None
 
 
+def _checkpoint_and_split(case, frac):
+    """No pass, split backward, checkpoint, and both: each against eager. Returns the two checkpointed runs."""
+    unplanned = check(case, []).record.analysis.memory.peak_bytes
+    check(case, ["split_backward"])
+    # the split comes after the checkpoint plan: both plan the same graph, to the same smallest peak
+    smallest = smallest_peak(case, ["checkpoint"])
+    return [check_checkpoint(case, ["checkpoint"], unplanned, smallest, frac),
+            check_checkpoint(case, ["checkpoint", "split_backward"], unplanned, smallest, frac)]
+
+
 @pytest.mark.slow
 @_settings(examples=3)
 @given(spec=model_specs(tokens=False), frac=fracs)
 @example(spec=PLANNED_FLOAT, frac=0.5)
 def test_float_models_every_exact_combination_matches_eager(spec, frac):
     case = Case.of(spec)
-    plain = check(case, [])
-    unplanned = plain.record.analysis.memory.peak_bytes
-    check(case, ["split_backward"])
-    # the split comes after the checkpoint plan: both plan the same graph, to the same smallest peak
-    smallest = smallest_peak(case, ["checkpoint"])
-    planned = [check_checkpoint(case, ["checkpoint"], unplanned, smallest, frac),
-               check_checkpoint(case, ["checkpoint", "split_backward"], unplanned, smallest, frac)]
+    planned = _checkpoint_and_split(case, frac)
     assert spec != PLANNED_FLOAT or all(map(_planned, planned)), "the explicit example no longer plans"
     # no token input: stream declines, says why, and the step is the plain one
     got = check(case, ["stream"])
@@ -507,13 +511,7 @@ def test_float_models_every_exact_combination_matches_eager(spec, frac):
 @example(spec=PLANNED_TOKENS, frac=0.0, chunks=3, attention=None)  # the budget: exactly the smallest reachable peak
 def test_token_models_every_exact_combination_matches_eager(spec, frac, chunks, attention):
     case = Case.of(spec)
-    plain = check(case, [])
-    unplanned = plain.record.analysis.memory.peak_bytes
-    check(case, ["split_backward"])
-    # the split comes after the checkpoint plan: both plan the same graph, to the same smallest peak
-    smallest = smallest_peak(case, ["checkpoint"])
-    planned = [check_checkpoint(case, ["checkpoint"], unplanned, smallest, frac),
-               check_checkpoint(case, ["checkpoint", "split_backward"], unplanned, smallest, frac)]
+    planned = _checkpoint_and_split(case, frac)
     check(case, ["stream", "split_backward"], stream_chunks=chunks, stream_attention=attention)
     # a fixed chunk count: with None and a budget the backend would search chunk counts against the
     # budget, and at these lengths (at most 16 tokens) every count it tries is 1 (the default's)
