@@ -138,10 +138,12 @@ def analyze_pairs(
     device: str | None = None,
     param_bytes: int | None = None,
     fused: bool = False,
+    buffer_plans: dict | None = None,
 ) -> StepAnalysis:
     """Memory model, FLOPs and roofline times of one step made of ``pairs`` (forward order).
 
     ``fused``: the graphs run under a fusing compiler (Inductor), see ``memory.fused_away``.
+    ``buffer_plans``: Inductor's buffer plans of graphs it compiled (``memory.simulate``).
     """
     example_device = None
     for n in pairs[0].forward.graph.nodes:
@@ -150,7 +152,7 @@ def analyze_pairs(
             example_device = vals[0].device
             break
     profile = get_profile(device, example_device)
-    memory = simulate(pairs, granularity=profile.alloc_granularity, fused=fused)
+    memory = simulate(pairs, granularity=profile.alloc_granularity, fused=fused, buffer_plans=buffer_plans)
     costs = []
     for p in pairs:
         for tag, gm in ((f"{p.name}.fw", p.forward), (f"{p.name}.bw", p.backward)):
