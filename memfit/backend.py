@@ -463,7 +463,7 @@ class MemfitBackend:
         """
         sb = self.step_budget()
         budget = sb.budget
-        tries = []  # (replayed peak, compiled, records)
+        tries = []  # (replayed peak, compiled, records, tighten)
         n = len(self.records)
         start_notes = list(self._pending_notes)
         tighten = 1.0
@@ -472,22 +472,28 @@ class MemfitBackend:
             self._tighten = tighten
             try:
                 compiled = self._compile_inductor_once(gm, example_inputs)
-            except BudgetError:
+            except BudgetError as e:
                 if not tries:
                     raise
-                break  # no plan fits the tighter budget: keep the best compile so far
+                smallest_target = e.smallest_peak / (budget * INDUCTOR_PLAN_MARGIN) * 1.0001
+                planned_before = max((r.analysis.memory.peak_bytes for r in tries[-1][2]), default=0)
+                if 0 < e.smallest_peak < planned_before and tighten < smallest_target < tries[-1][3]:
+                    # no plan fits the tighter budget: the planner's smallest-peak plan is the last resort
+                    tighten = smallest_target
+                    continue
+                break  # keep the best compile so far
             finally:
                 self._tighten = 1.0
             new = self.records[n:]
             del self.records[n:]
             peak = max((r.peak_bytes for r in new), default=0)
-            tries.append((peak, compiled, new))
+            tries.append((peak, compiled, new, tighten))
             if budget is None or peak <= budget or not new or any(r.compiled is None for r in new):
                 break
             if any(n.startswith("does not fit") for r in new for n in r.notes):
                 break  # strict=False and already the smallest-peak plan: a tighter budget changes nothing
             tighten *= budget / peak * 0.98
-        peak, compiled, records = min(tries, key=lambda t: t[0])
+        peak, compiled, records, _ = min(tries, key=lambda t: t[0])
         if budget is not None and peak > budget and self.strict and any(r.compiled is not None for r in records):
             raise BudgetError(
                 peak, budget, hints=[
