@@ -17,6 +17,12 @@ What is counted, above what was resident before the step (parameters, inputs, bu
 * gradients (the backward's outputs), from the node that makes them to the end of the step
   (they become ``.grad``).
 
+Under Inductor two models exist. The planner's (``fused=True``) estimates from the FX graph which values
+Inductor fuses away and where it computes ``addmm``; it is fast enough to evaluate every candidate
+plan. Once Inductor has compiled a graph, its own buffer plan is replayed instead
+(``buffer_plans``, see :mod:`memfit.planner.inductor_plan`): that is the step as it will run, reuse
+and in-place writes included, and what the budget is checked against.
+
 The timeline holds, for every node, the bytes live once its outputs are allocated (the peak can
 only be reached there) and once the buffers it was the last user of are freed. On CPU the
 allocator is ``malloc`` (no rounding); on CUDA the caching allocator rounds blocks up to 512 bytes,
