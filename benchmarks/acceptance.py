@@ -148,7 +148,8 @@ def worker(spec: dict) -> dict:
     m = measure(step, device=device, warmup=1, repeat=spec["repeat"])
     out.update(peak=m.peak_bytes, time_s=m.time_s, times=list(m.times_s))
     if be is not None:
-        out["predicted_peak"] = max(r.analysis.memory.peak_bytes for r in be.records)
+        out["predicted_peak"] = be.step_analysis().memory.peak_bytes  # replayed from Inductor's buffer plans
+        out["planned_peak"] = be.step_analysis(replayed=False).memory.peak_bytes  # the planner's FX-level model
         out["chosen"] = sorted({next((c["label"] for c in r.candidates if c["chosen"]), r.partition) for r in be.records})
         out["graphs"] = len(be.records)
     return out

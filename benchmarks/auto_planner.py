@@ -94,7 +94,8 @@ def run_model(key: str, budgets_n: int, repeat: int) -> list[dict]:
                 "time_s": m.time_s,
                 "fits": budget is None or m.peak_bytes <= 1.02 * budget,
                 "chose": chosen,
-                "predicted_peak": rec.analysis.memory.peak_bytes,
+                "predicted_peak": rec.peak_bytes,  # replayed from Inductor's buffer plans where compiled
+                "planned_peak": rec.analysis.memory.peak_bytes,
             }
         a = row["auto"]
         singles = [(n, row[n]) for n in ("checkpoint", "fewbit") if "peak" in row[n] and row[n]["fits"]]
