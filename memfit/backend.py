@@ -445,8 +445,9 @@ class MemfitBackend:
         if len(pairs) > 1:
             analysis.notes.append(
                 f"the step was split into {len(pairs)} graphs (graph breaks); an output passed to the next "
-                "graph is counted as live until that graph's backward is done, and the input gradients a "
-                "graph returns as the incoming gradients of the graph before it"
+                "graph is counted as live to the end of the step (the caller may hold it, as an HF output "
+                "holds the logits), and the input gradients a graph returns as the incoming gradients of "
+                "the graph before it, freed where that graph's backward drops them"
             )
         return analysis
 
@@ -517,8 +518,7 @@ class MemfitBackend:
                     f"(replayed from its buffer plan), over the budget of {format_bytes(budget)}; the planner's "
                     f"model predicted {format_bytes(r.analysis.memory.peak_bytes)}"
                 )
-                r.notes.append(msg)
-                warnings.warn(msg, stacklevel=2)
+                _note_and_warn(r, msg)
         self.records.extend(records)
         self._write_report()
         return compiled
@@ -931,8 +931,7 @@ class MemfitBackend:
                 f"budget of {format_bytes(budget)}, and no enabled memory pass reduced it "
                 f"(passes={self.options.passes!r}); the graph is compiled unchanged"
             )
-            record.notes.append(msg)
-            warnings.warn(msg, stacklevel=2)
+            _note_and_warn(record, msg)
 
     # -- report ------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -964,6 +963,12 @@ class MemfitBackend:
         from memfit.planner import report as rp
 
         return rp.write(rp.build_report(self, title=title, measured=measured), path)
+
+
+def _note_and_warn(record: GraphRecord, msg: str) -> None:
+    """A budget the compiled graph misses is never silent: in its record's notes, and a warning."""
+    record.notes.append(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def _boxed_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
