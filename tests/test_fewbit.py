@@ -293,3 +293,27 @@ def test_gpt_measured_peak_falls_as_predicted():
     assert p0 - p1 == sum(s.saved_bytes - s.code_bytes for s in sites)
     assert abs((m0 - m1) - (p0 - p1)) <= 0.1 * (p0 - p1)
     assert m1 <= p1 * 1.02
+
+
+def test_decompose_keeps_the_layer_of_backward_ops():
+    """A decomposed backward op (GELU's derivative) keeps ``fwd_nn_module_stack``: the checkpoint planner
+    keys layers by it (without it a 4-layer GPT's smallest plan under ``auto`` was 58.07 MiB, not 48.09)."""
+    from memfit.passes.fewbit import decompose
+
+    g = torch.fx.Graph()
+    x, dy = g.placeholder("x"), g.placeholder("dy")
+    out = g.call_function(torch.ops.aten.gelu_backward.default, (dy, x))
+    g.output(out)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    stack = {"h.2.mlp.gelu": ("h.2.mlp.gelu", torch.nn.GELU)}
+    out.meta.update(fwd_nn_module_stack=stack, stack_trace="gpt.py:57")
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        x.meta["val"], dy.meta["val"] = torch.empty(4, 8), torch.empty(4, 8)
+        out.meta["val"] = torch.ops.aten.gelu_backward.default(dy.meta["val"], x.meta["val"])
+    assert decompose(gm, {torch.ops.aten.gelu_backward.default}) == 1
+    new = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert new and all(n.target is not torch.ops.aten.gelu_backward.default for n in new)
+    assert all(n.meta.get("fwd_nn_module_stack") == stack for n in new)
+    gm.recompile()
+    xr, dyr = torch.randn(4, 8), torch.randn(4, 8)
+    torch.testing.assert_close(gm(xr, dyr), torch.ops.aten.gelu_backward.default(dyr, xr))

@@ -53,8 +53,14 @@ def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _copy_provenance(node: torch.fx.Node, like: torch.fx.Node) -> None:
-    """Source line, module path and partitioner tag of ``like`` (what reports and partitioners read)."""
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "partitioner_tag"):
+    """Source line, module path and partitioner tag of ``like`` (what reports and partitioners read).
+
+    ``fwd_nn_module_stack`` too: a backward op carries its layer only there, and the checkpoint
+    planner keys layers by it. Without it, a 4-layer GPT's decomposed GELU derivatives were a layer
+    apart from their inputs and the smallest checkpoint plan under ``auto`` with approximation allowed
+    was 58.07 MiB instead of 48.09 (so ``auto`` fell back to few-bit, 1.55x slower)."""
+    for key in ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "source_fn_stack", "fwd_source_fn_stack",
+                "seq_nr", "partitioner_tag"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
 
