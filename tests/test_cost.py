@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,12 +64,38 @@ def test_profiles():
         get_profile("tpu")
 
 
-def test_cpu_calibration_is_real_inside_a_compile():
+def test_cpu_calibration_is_cached_per_machine(tmp_path, monkeypatch):
+    """The first process on a machine measures and writes the profile; later ones read the same numbers
+    (so the planner's choices do not move between runs); MEMFIT_RECALIBRATE=1 measures again."""
+    from memfit.planner.cost import _cpu_profile_path, calibrate_cpu
+
+    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMFIT_RECALIBRATE", raising=False)
+    calibrate_cpu.cache_clear()
+    first = calibrate_cpu()
+    path = _cpu_profile_path()
+    assert path.startswith(str(tmp_path)) and os.path.exists(path)
+    calibrate_cpu.cache_clear()  # a new process, as far as the cache is concerned
+    again = calibrate_cpu()
+    assert again == first and again is not first
+    with open(path, "w") as f:
+        f.write("not json")  # a damaged file is measured over, not trusted
+    calibrate_cpu.cache_clear()
+    assert calibrate_cpu().bandwidth > 0
+    monkeypatch.setenv("MEMFIT_RECALIBRATE", "1")
+    calibrate_cpu.cache_clear()
+    fresh = calibrate_cpu()
+    assert fresh.bandwidth > 0 and fresh.peak_flops(torch.float32) > 0
+    calibrate_cpu.cache_clear()
+
+
+def test_cpu_calibration_is_real_inside_a_compile(monkeypatch):
     """Calibration first runs inside a compile (under FakeTensorMode); it must time real kernels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.planner.cost import calibrate_cpu
 
+    monkeypatch.setenv("MEMFIT_RECALIBRATE", "1")  # measure here, not read an earlier process's file
     calibrate_cpu.cache_clear()
     with FakeTensorMode():
         prof = calibrate_cpu()

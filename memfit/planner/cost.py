@@ -13,7 +13,10 @@ other op counts one FLOP per output element, which only matters for the compute 
 from __future__ import annotations
 
 import functools
+import json
 import operator
+import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -86,18 +89,73 @@ def _time_it(fn, repeat: int = 5) -> float:
 
 @functools.lru_cache(maxsize=1)
 def calibrate_cpu() -> DeviceProfile:
-    """Measure this CPU's matmul rate and copy bandwidth (about 0.2 s, once per process).
+    """Measure this CPU's matmul rate and copy bandwidth (about 0.2 s), once per machine.
 
     A 512x512x512 fp32 matmul and a 32 MiB copy are big enough to leave the caches' best case and
     small enough to finish quickly on a 2-core machine. Best of 5 runs, so a noisy neighbour slows
     the estimate only if it is busy throughout.
+
+    The result is kept in ``$MEMFIT_CACHE_DIR`` (default ``~/.cache/memfit``), per host, torch version
+    and thread count, and read back by later processes: measured afresh in each process, the rates
+    moved enough between runs that the checkpoint planner chose a different plan for the same graph
+    and budget each time (a 2-layer GPT: three runs, three plans; with the fixed H100 profile, one).
+    ``MEMFIT_RECALIBRATE=1`` measures again (and replaces the file).
     """
+    path = _cpu_profile_path()
+    if os.environ.get("MEMFIT_RECALIBRATE") != "1":
+        cached = _read_cpu_profile(path)
+        if cached is not None:
+            return cached
     # It is first called from inside a compile, under FakeTensorMode: without leaving the modes,
     # the "matmul" is fake and instant (we saw 2.6e12 FLOP/s on a 2-core CPU that does 1.3e11).
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes(), torch.no_grad():
-        return _calibrate_cpu()
+        prof = _calibrate_cpu()
+    _write_cpu_profile(path, prof)
+    return prof
+
+
+def _cpu_profile_path() -> str:
+    import platform
+
+    root = os.environ.get("MEMFIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memfit")
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", platform.node() or "host")
+    return os.path.join(root, f"cpu-profile-{host}-torch{torch.__version__}-{torch.get_num_threads()}threads.json")
+
+
+def _read_cpu_profile(path: str) -> DeviceProfile | None:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        fp32 = float(d["fp32_flops"])
+        return DeviceProfile(
+            name="cpu",
+            flops={torch.float32: fp32, torch.bfloat16: fp32 / 2, torch.float16: fp32 / 4, torch.float64: fp32 / 2},
+            bandwidth=float(d["bandwidth"]),
+            launch_s=float(d["launch_s"]),
+            alloc_granularity=1,
+            slowdown={str(k): float(v) for k, v in d["slowdown"].items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no file, or not one of ours: measure
+
+
+def _write_cpu_profile(path: str, prof: DeviceProfile) -> None:
+    d = {
+        "fp32_flops": prof.flops[torch.float32],
+        "bandwidth": prof.bandwidth,
+        "launch_s": prof.launch_s,
+        "slowdown": dict(prof.slowdown),
+    }
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, path)  # atomic: a process reading it never sees half a file
+    except OSError:
+        pass  # a read-only home: every process measures, as before
 
 
 def _calibrate_cpu() -> DeviceProfile:
