@@ -29,7 +29,7 @@ import json
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.fx
@@ -156,6 +156,15 @@ def _checkpoint_note(plan, budget: int, analysis: StepAnalysis) -> str:
         f"{plan.recompute_time_s * 1e3:.3f} ms ({analysis.profile.name} roofline); planned in "
         f"{plan.plan_time_s:.2f} s over {plan.probes} probes"
     )
+
+class _Try(NamedTuple):
+    """One compile of a graph under Inductor (see ``MemfitBackend._compile_inductor``)."""
+
+    peak: int  # the step peak replayed from Inductor's buffer plans
+    compiled: Callable
+    records: list
+    tighten: float  # planning budget / budget
+
 
 #: How many times a graph whose compiled buffer plan replays over the budget is planned again (for a
 #: budget smaller by the overshoot) and recompiled.
@@ -467,7 +476,7 @@ class MemfitBackend:
         """
         sb = self.step_budget()
         budget = sb.budget
-        tries = []  # (replayed peak, compiled, records, tighten)
+        tries: list[_Try] = []
         n = len(self.records)
         start_notes = list(self._pending_notes)
         tighten = 1.0
@@ -481,8 +490,8 @@ class MemfitBackend:
                 if not tries:
                     raise
                 smallest_target = e.smallest_peak / (budget * INDUCTOR_PLAN_MARGIN) * 1.0001
-                planned_before = max((r.analysis.memory.peak_bytes for r in tries[-1][2]), default=0)
-                if 0 < e.smallest_peak < planned_before and tighten < smallest_target < tries[-1][3]:
+                planned_before = max((r.analysis.memory.peak_bytes for r in tries[-1].records), default=0)
+                if 0 < e.smallest_peak < planned_before and tighten < smallest_target < tries[-1].tighten:
                     # no plan fits the tighter budget: the planner's smallest-peak plan is the last resort
                     tighten = smallest_target
                     continue
@@ -492,13 +501,13 @@ class MemfitBackend:
             new = self.records[n:]
             del self.records[n:]
             peak = max((r.peak_bytes for r in new), default=0)
-            tries.append((peak, compiled, new, tighten))
+            tries.append(_Try(peak, compiled, new, tighten))
             if budget is None or peak <= budget or not new or any(r.compiled is None for r in new):
                 break
             if any(note.startswith("does not fit") for r in new for note in r.notes):
                 break  # strict=False and already the smallest-peak plan: a tighter budget changes nothing
             tighten *= budget / peak * 0.98
-        peak, compiled, records, _ = min(tries, key=lambda t: t[0])
+        peak, compiled, records, _ = min(tries, key=lambda t: t.peak)
         if budget is not None and peak > budget and self.strict and any(r.compiled is not None for r in records):
             raise BudgetError(
                 peak, budget, hints=[
@@ -509,7 +518,7 @@ class MemfitBackend:
         for r in records:
             if len(tries) > 1:
                 r.notes.append(
-                    "inductor: replayed compiled peaks per try " + ", ".join(format_bytes(t[0]) for t in tries)
+                    "inductor: replayed compiled peaks per try " + ", ".join(format_bytes(t.peak) for t in tries)
                     + f"; kept the lowest ({format_bytes(peak)})"
                 )
             if budget is not None and r.compiled is not None and r.compiled.peak_bytes > budget:

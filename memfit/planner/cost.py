@@ -128,14 +128,9 @@ def _read_cpu_profile(path: str) -> DeviceProfile | None:
     try:
         with open(path) as f:
             d = json.load(f)
-        fp32 = float(d["fp32_flops"])
-        return DeviceProfile(
-            name="cpu",
-            flops={torch.float32: fp32, torch.bfloat16: fp32 / 2, torch.float16: fp32 / 4, torch.float64: fp32 / 2},
-            bandwidth=float(d["bandwidth"]),
-            launch_s=float(d["launch_s"]),
-            alloc_granularity=1,
-            slowdown={str(k): float(v) for k, v in d["slowdown"].items()},
+        return _cpu_profile(
+            float(d["fp32_flops"]), float(d["bandwidth"]), float(d["launch_s"]),
+            {str(k): float(v) for k, v in d["slowdown"].items()},
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no file, or not one of ours: measure
@@ -170,13 +165,18 @@ def _calibrate_cpu() -> DeviceProfile:
     bandwidth = 2 * src.numel() * src.element_size() / t_copy
     small = torch.empty(16)
     launch = _time_it(lambda: torch.add(small, small), repeat=20)
+    return _cpu_profile(fp32, bandwidth, launch, _fewbit_slowdown(bandwidth, launch))
+
+
+def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -> DeviceProfile:
+    """The CPU profile from its measured rates (one constructor for a fresh and a cached calibration)."""
     return DeviceProfile(
         name="cpu",
         flops={torch.float32: fp32, torch.bfloat16: fp32 / 2, torch.float16: fp32 / 4, torch.float64: fp32 / 2},
         bandwidth=bandwidth,
         launch_s=launch,
         alloc_granularity=1,
-        slowdown=_fewbit_slowdown(bandwidth, launch),
+        slowdown=slowdown,
     )
 
 

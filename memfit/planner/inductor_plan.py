@@ -49,20 +49,6 @@ class BufferPlan:
     outputs: tuple[Any, ...]
     inputs: tuple[str, ...]
 
-    @property
-    def local_peak(self) -> int:
-        """Peak bytes of the buffers this graph allocates (inputs not counted)."""
-        live = peak = 0
-        sizes = {}
-        for kind, key, n in self.events:
-            if kind == ALLOC:
-                sizes[key] = n
-                live += n
-                peak = max(peak, live)
-            elif key in sizes:
-                live -= sizes.pop(key)
-        return peak
-
 
 def _size(node) -> int:
     from torch._inductor.utils import get_dtype_size
