@@ -162,6 +162,7 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.planner import report as rp
     from memfit.trace import trace_step
 
+    rp.report_paths(args.report)  # a bad report path fails now, not after planning
     progress = _Progress()
     with warnings.catch_warnings():
         if not args.debug:
@@ -197,6 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise TargetError(f"--repeat {args.repeat} must be >= 1")
+    rp.report_paths(args.report)
     progress = _Progress()
     model, fargs, fkwargs, loss_fn = build_step(load_factory(args.target), fake=False)
     progress("measuring the step under plain torch.compile")

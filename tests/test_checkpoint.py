@@ -152,6 +152,40 @@ def test_recompute_chains_stay_inside_a_layer():
     assert not crossings, crossings[:5]
 
 
+@pytest.mark.parametrize("which", ["gpt8", "dropout"])
+def test_in_place_reorder_matches_pytorchs(which, monkeypatch):
+    """memfit's in-place reordering of the backward gives the node order PyTorch's copying
+    ``reordering_to_mimic_autograd_engine`` gives, on every probe of a real plan search, and moves
+    recomputed ops (the order differs from the partitioner's)."""
+    from torch._functorch.partitioners import reordering_to_mimic_autograd_engine
+
+    from memfit.passes import checkpoint as ckpt
+
+    own = ckpt.reorder_like_autograd
+    seen = []
+
+    def compare(gm):
+        before = [n.name for n in gm.graph.nodes]
+        ref = [n.name for n in reordering_to_mimic_autograd_engine(copy.deepcopy(gm)).graph.nodes]
+        own(gm)
+        gm.graph.lint()
+        seen.append((before, [n.name for n in gm.graph.nodes], ref))
+
+    monkeypatch.setattr(ckpt, "reorder_like_autograd", compare)
+    model, args, kwargs = {"gpt8": _gpt8, "dropout": _dropout_net}[which]()
+    base = _baseline_peak(model, args, kwargs)
+    be = memfit.backend(inner="eager", budget=int(base * 0.6))
+    ref_loss, ref_grads = _grads(copy.deepcopy(model), args, kwargs)
+    loss, grads = _grads(torch.compile(model, backend=be), args, kwargs)
+    assert be.records[0].plan is not None and len(seen) >= 3
+    for before, after, ref in seen:
+        assert after == ref
+    assert any(before != after for before, after, _ in seen)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
+
+
 def test_cli_budget_prints_plan_and_exit_3(capsys):
     import os
 

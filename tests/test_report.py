@@ -68,9 +68,9 @@ def test_cli_plan_infeasible_exit_3_with_report(tmp_path, capsys):
 
 def test_cli_plan_device_memory_subtracts_resident(tmp_path, capsys):
     rc = main(["plan", os.path.join(ROOT, "examples/gpt.py:small"), "--device-memory", "64MiB", "--optimizer", "adamw",
-               "--inner", "eager", "--report", str(tmp_path / "r.json")])
-    assert rc == 0
-    data = json.loads((tmp_path / "r.json").read_text())
+               "--inner", "eager", "--report", str(tmp_path / "new" / "r.json")])
+    assert rc == 0  # the report's folder did not exist: it is made
+    data = json.loads((tmp_path / "new" / "r.json").read_text())
     params = data["param_bytes"]
     assert data["budget"]["budget"] == 64 * 2**20 - 3 * params
     assert "parameters" in data["budget_description"] and "adamw state" in data["budget_description"]
@@ -86,6 +86,7 @@ def test_cli_plan_bad_input():
     r = subprocess.run([sys.executable, "-m", "memfit", "plan", "examples/gpt.py:small", "--budget", "1GiB", "--report", "x.txt"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "must end in .html, .md or .json" in r.stderr
+    assert "checkpoint plan" not in r.stderr and "tracing" not in r.stderr  # refused before any planning
 
 
 def test_backend_report_html_with_measured_run(tmp_path):

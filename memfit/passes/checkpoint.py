@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 from torch._functorch import partitioners as P
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memfit.passes import CantApply
 from memfit.planner.cost import is_random
@@ -58,13 +59,59 @@ def apply(
         from torch.utils._ordered_set import OrderedSet
 
         static = OrderedSet(p for i, p in enumerate(primals) if i in static_lifetime_input_indices)
-    fw, bw = P._extract_fwd_bwd_modules(
-        joint, values, saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs, static_lifetime_input_nodes=static
-    )
+    # lazy graph modules: Python code is generated on first call, not for each of the planner's probes
+    with _use_lazy_graph_module(True):
+        fw, bw = P._extract_fwd_bwd_modules(
+            joint, values, saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs, static_lifetime_input_nodes=static
+        )
     replayed = [n.name for n in bw.graph.nodes if n.op == "call_function" and is_random(n)]
     if replayed:
         raise CantApply(f"the plan would replay random ops in the backward ({replayed[:3]}); they must be saved")
-    bw = P.reordering_to_mimic_autograd_engine(bw)
+    reorder_like_autograd(bw)
     for gm in (fw, bw):
         gm.meta["memfit_checkpoint_plan"] = True
     return fw, bw
+
+
+def reorder_like_autograd(gm: torch.fx.GraphModule) -> None:
+    """Move each recomputed forward op of a backward graph to just before its first use, in place.
+
+    The partitioner leaves recomputed forward ops where they were in the joint graph, all before the
+    first gradient op, so every recomputed value would be live from the start of the backward. This
+    walks the backward's own ops in order (from the first user of a tangent; ``copy_`` into an input
+    before it too) and places, before each, the ops it needs that are not placed yet, in their
+    original order; ops nothing reaches are dropped. The resulting order is that of PyTorch's
+    ``reordering_to_mimic_autograd_engine`` (``tests/test_checkpoint.py`` compares them), but it
+    moves nodes instead of copying the graph and regenerating its code: 0.17 s of the 0.3 s that
+    one probe of the checkpoint planner took on an 8-layer GPT.
+    """
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    first = min(
+        (u for t in nodes if P._is_tangent(t) for u in t.users), key=order.__getitem__, default=None
+    )
+    if first is None:
+        return  # no gradient op reads a tangent: nothing to reorder
+    placed = {n for n in nodes if n.op == "placeholder"}
+    cursor = max(placed, key=order.__getitem__, default=None)
+    if cursor is None:
+        cursor = gm.graph._root
+    roots = [n for n in nodes[: order[first]] if n.op == "call_function" and n.target is torch.ops.aten.copy_.default]
+    for root in roots + nodes[order[first]:]:
+        if root in placed:
+            continue
+        todo, need = [root], set()
+        while todo:
+            n = todo.pop()
+            if n in placed or n in need:
+                continue
+            need.add(n)
+            todo.extend(n.all_input_nodes)
+        for n in sorted(need, key=order.__getitem__):
+            cursor.append(n)
+            cursor = n
+            placed.add(n)
+    for n in reversed(nodes):
+        if n not in placed:
+            gm.graph.erase_node(n)
+    gm.recompile()
