@@ -8,7 +8,10 @@ measured compiled plainly (torch.compile), then at budgets from the smallest fea
 * memfit ``passes=["fewbit"]`` (few-bit activation gradients alone: they fit or they do not).
 
 The table gives auto's choice, measured peak against the budget, and its step time against the fastest
-single technique whose measured peak fits the same budget (+2%).
+single technique whose measured peak fits the same budget (+2%). Those times are paired: once a
+budget's configurations are compiled, their steps run alternately (``--rounds`` each) and the medians
+are compared, so a change of load on this shared machine hits all of them alike (one after another,
+the same graphs' times differed by up to 1.39x).
 
     python benchmarks/auto_planner.py [--models gpt,llama] [--budgets 6] [--repeat 3] [--out r.json]
 """
@@ -19,7 +22,9 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -52,18 +57,22 @@ def smallest_feasible(factory) -> int:
     return min(c["peak"] for r in be.records for c in r.candidates)
 
 
-def run_model(key: str, budgets_n: int, repeat: int) -> list[dict]:
+def run_model(key: str, budgets_n: int, repeat: int, rounds: int = 7) -> list[dict]:
     desc, factory = MODELS[key]
     model, inputs = factory()
     args, kwargs = _split(inputs)
     print(f"\n== {key}: {desc}", flush=True)
 
-    def measured(backend):
-        torch._dynamo.reset()
+    steps = {}
+
+    def measured(backend, key=None):
         m = copy.deepcopy(model)
         compiled = torch.compile(m, backend=backend) if backend is not None else torch.compile(m)
-        return measure(training_step(compiled, args, kwargs), repeat=repeat)
+        step = training_step(compiled, args, kwargs)
+        steps[key] = step
+        return measure(step, repeat=repeat)
 
+    torch._dynamo.reset()
     base = measured(None)
     print(f"plain torch.compile: {base}", flush=True)
     lo = smallest_feasible(factory) / INDUCTOR_PLAN_MARGIN * 1.01
@@ -74,6 +83,8 @@ def run_model(key: str, budgets_n: int, repeat: int) -> list[dict]:
     print(hdr)
     print("-" * len(hdr), flush=True)
     for budget in budgets:
+        torch._dynamo.reset()  # one budget's configurations stay compiled together, for the paired times
+        steps.clear()
         row = {"budget": budget}
         configs = {
             "auto": dict(passes="auto", allow_approximation=True),
@@ -83,7 +94,7 @@ def run_model(key: str, budgets_n: int, repeat: int) -> list[dict]:
         for name, opts in configs.items():
             be = memfit.backend(budget=budget, inner="inductor", **opts)
             try:
-                m = measured(be)
+                m = measured(be, name)
             except BudgetError as e:
                 row[name] = {"error": str(e).splitlines()[0][:160]}
                 continue
@@ -99,21 +110,38 @@ def run_model(key: str, budgets_n: int, repeat: int) -> list[dict]:
             }
         a = row["auto"]
         singles = [(n, row[n]) for n in ("checkpoint", "fewbit") if "peak" in row[n] and row[n]["fits"]]
-        best = min(singles, key=lambda x: x[1]["time_s"], default=None)
+        if "peak" in a and singles:
+            paired = _paired([steps["auto"]] + [steps[n] for n, _ in singles], rounds)
+            a["paired_s"] = paired[0]
+            for (n, r), t in zip(singles, paired[1:]):
+                r["paired_s"] = t
+        best = min(singles, key=lambda x: x[1].get("paired_s", x[1]["time_s"]), default=None)
         row["best_single"] = best[0] if best else None
         bud = format_bytes(budget) if budget else "none"
         if "peak" not in a:
             print(f"{bud:>11} | auto: {a['error']}")
         else:
-            ratio = f"{a['time_s'] / best[1]['time_s']:.3f}" if best else "—"
+            ratio = f"{a['paired_s'] / best[1]['paired_s']:.3f}" if best else "—"
             rel = f"{a['peak'] / budget:.3f}" if budget else "—"
             print(
-                f"{bud:>11} | {a['chose']:<22} {format_bytes(a['peak']):>10} {rel:>7} {a['time_s'] * 1e3:7.1f}ms | "
-                f"{(best[0] if best else 'none fits'):<11} {(best[1]['time_s'] * 1e3 if best else float('nan')):7.1f}ms | {ratio:>9}",
+                f"{bud:>11} | {a['chose']:<22} {format_bytes(a['peak']):>10} {rel:>7} {a.get('paired_s', a['time_s']) * 1e3:7.1f}ms | "
+                f"{(best[0] if best else 'none fits'):<11} {(best[1]['paired_s'] * 1e3 if best else float('nan')):7.1f}ms | {ratio:>9}",
                 flush=True,
             )
         rows.append(row)
     return rows
+
+
+def _paired(steps, rounds: int) -> list[float]:
+    """Median seconds per step of step closures run in turn, ``rounds`` times each."""
+    times = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, out in zip(steps, times):
+            step.before()
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -121,11 +149,12 @@ def main() -> None:
     p.add_argument("--models", default="gpt,llama")
     p.add_argument("--budgets", type=int, default=6, help="budgets between the smallest feasible and the unplanned peak")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7, help="alternating steps per configuration for the paired times")
     p.add_argument("--out")
     a = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; inner=inductor; peaks: allocator, above resident")
-    out = {k: run_model(k, a.budgets, a.repeat) for k in a.models.split(",")}
+    out = {k: run_model(k, a.budgets, a.repeat, a.rounds) for k in a.models.split(",")}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

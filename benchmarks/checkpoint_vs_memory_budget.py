@@ -5,6 +5,13 @@ measured at several ``torch._functorch.config.activation_memory_budget`` fractio
 absolute budgets from "save all" down to below the smallest feasible. For each memfit budget the
 table shows the PyTorch fraction whose measured peak is closest, and the ratios of peak and time.
 
+Times in the table are paired: once every configuration is compiled, each memfit step and its
+closest PyTorch step run alternately (``--rounds`` times each) and the medians are compared, so a
+change of load on the machine during the run hits both sides alike. (Measured one after another,
+the same plan's time moved by up to 1.4x between runs on this shared 2-core machine.) No
+configuration is recompiled for that: Dynamo's cache limit is raised so every compiled model stays
+cached, and the count of compiled graphs is checked before and after.
+
     python benchmarks/checkpoint_vs_memory_budget.py [--layers 8] [--inner inductor] [--out r.json]
 """
 
@@ -14,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -35,19 +43,26 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--inner", choices=("inductor", "eager"), default="inductor")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7, help="alternating steps per side for the paired times")
     p.add_argument("--out")
     a = p.parse_args()
+    # every compiled model stays cached for the paired timing at the end (18 of them by default)
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
     model, inputs = gpt.factory(batch=4, seq=256, n_layer=a.layers, vocab_size=512)
     print(f"torch {torch.__version__}; GPT {a.layers} layers, 256 wide, batch 4 x 256 tokens; inner={a.inner}")
 
-    def run(compiled):
-        torch._dynamo.reset()
-        return measure(training_step(compiled, inputs), repeat=a.repeat)
+    steps = {}
+
+    def run(compiled, key):
+        step = training_step(compiled, inputs)
+        m = measure(step, repeat=a.repeat)
+        steps[key] = step
+        return m
 
     torch_rows = []
     for frac in (1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0):
-        with torch._functorch.config.patch(activation_memory_budget=frac):
-            m = run(torch.compile(copy.deepcopy(model)))
+        m = run(torch.compile(copy.deepcopy(model), backend=_inductor_at(frac)), ("torch", frac))
         torch_rows.append({"fraction": frac, "peak": m.peak_bytes, "time_ms": m.time_s * 1e3})
         print(f"torch activation_memory_budget={frac:<4}  peak {format_bytes(m.peak_bytes):>11}  {m.time_s * 1e3:7.1f} ms", flush=True)
 
@@ -58,7 +73,7 @@ def main() -> None:
         be = memfit.backend(inner=a.inner, budget=budget)
         t0 = time.perf_counter()
         try:
-            m = run(torch.compile(copy.deepcopy(model), backend=be))
+            m = run(torch.compile(copy.deepcopy(model), backend=be), ("memfit", budget))
         except BudgetError as e:
             print(f"memfit budget {format_bytes(budget):>11}: {str(e).splitlines()[0]}", flush=True)
             memfit_rows.append({"budget": budget, "infeasible": True, "smallest_peak": e.smallest_peak})
@@ -82,30 +97,71 @@ def main() -> None:
             flush=True,
         )
 
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(f"\npaired times: {a.rounds} alternating steps of each memfit configuration and its closest PyTorch one", flush=True)
+    for r in memfit_rows:
+        if r.get("infeasible"):
+            continue
+        t = min(torch_rows, key=lambda x: abs(x["peak"] - r["peak"]))
+        r["closest_fraction"] = t["fraction"]
+        mine, theirs = _paired(steps[("memfit", r["budget"])], steps[("torch", t["fraction"])], a.rounds)
+        r["paired_ms"], r["paired_torch_ms"] = mine * 1e3, theirs * 1e3
+    if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+        print("WARNING: a configuration was recompiled during the paired timing; its times are not comparable")
+
     print()
-    print("| memfit budget | memfit peak | peak/budget | predicted/measured | memfit ms | closest torch fraction | torch peak | torch ms | peak ratio (memfit/torch) | time ratio |")
+    print("| memfit budget | memfit peak | peak/budget | predicted/measured | closest torch fraction | torch peak | peak ratio (memfit/torch) | memfit ms (paired) | torch ms (paired) | time ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in memfit_rows:
         if r.get("infeasible"):
             print(f"| {format_bytes(r['budget'])} | infeasible (smallest {format_bytes(r['smallest_peak'])}) | | | | | | | | |")
             continue
-        t = min(torch_rows, key=lambda x: abs(x["peak"] - r["peak"]))
+        t = next(x for x in torch_rows if x["fraction"] == r["closest_fraction"])
         print(
             f"| {format_bytes(r['budget'])} | {format_bytes(r['peak'])} | {r['peak'] / r['budget']:.3f} | "
-            f"{r['predicted'] / r['peak']:.3f} | {r['time_ms']:.1f} | {t['fraction']} | {format_bytes(t['peak'])} | "
-            f"{t['time_ms']:.1f} | {r['peak'] / t['peak']:.3f} | {r['time_ms'] / t['time_ms']:.3f} |"
+            f"{r['predicted'] / r['peak']:.3f} | {t['fraction']} | {format_bytes(t['peak'])} | "
+            f"{r['peak'] / t['peak']:.3f} | {r['paired_ms']:.1f} | {r['paired_torch_ms']:.1f} | "
+            f"{r['paired_ms'] / r['paired_torch_ms']:.3f} |"
         )
     lowest_torch = min(torch_rows, key=lambda x: x["peak"])
     feasible = [r for r in memfit_rows if not r.get("infeasible")]
     if feasible:
         low = min(feasible, key=lambda r: r["peak"])
+        mine, theirs = _paired(steps[("memfit", low["budget"])], steps[("torch", lowest_torch["fraction"])], a.rounds)
         print(
-            f"\nlowest memfit peak {format_bytes(low['peak'])} ({low['time_ms']:.1f} ms) vs lowest torch peak "
-            f"{format_bytes(lowest_torch['peak'])} at fraction {lowest_torch['fraction']} ({lowest_torch['time_ms']:.1f} ms)"
+            f"\nlowest memfit peak {format_bytes(low['peak'])} vs lowest torch peak {format_bytes(lowest_torch['peak'])} "
+            f"at fraction {lowest_torch['fraction']}: {100 * (1 - low['peak'] / lowest_torch['peak']):.0f}% lower, "
+            f"{mine * 1e3:.1f} ms vs {theirs * 1e3:.1f} ms paired (time ratio {mine / theirs:.3f})"
         )
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"torch": torch_rows, "memfit": memfit_rows}, f, indent=1)
+
+
+def _inductor_at(fraction: float):
+    """Inductor (as ``torch.compile``'s default backend) with ``activation_memory_budget=fraction`` while
+    it partitions. A backend object of its own per fraction: Dynamo keeps one cache entry per backend,
+    so all the fractions' compiled models stay cached side by side (with ``torch.compile(m)`` for
+    each, the second fraction reused the first one's graphs)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=fraction):
+            return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _paired(mine, theirs, rounds: int) -> tuple[float, float]:
+    """Median seconds per step of two step closures run alternately ``rounds`` times each."""
+    times = ([], [])
+    for _ in range(rounds):
+        for step, out in zip((mine, theirs), times):
+            step.before()
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 if __name__ == "__main__":
