@@ -250,8 +250,9 @@ class MemfitBackend:
             what = f"the {largest} largest region(s)" if largest else f"every region, chunk counts x{mult}" + (
                 ", attentions by query chunks" if attention else "")
             retries.append(
-                f"stream: streaming {what}, the predicted peak {format_bytes(peak) if peak else 'is infeasible'} "
-                f"is over the budget {format_bytes(budget)}; trying more"
+                f"stream: streaming {what}, "
+                + (f"the predicted peak {format_bytes(peak)} is over" if peak else "no checkpoint plan fits")
+                + f" the budget {format_bytes(budget)}; trying more"
             )
         if plan is not None:
             self._stream_plans.append(plan)

@@ -769,9 +769,25 @@ def apply(gm: torch.fx.GraphModule, plan: StreamPlan, need: set, layouts: dict) 
         region.key = key
         gm.meta.setdefault("memfit_stream_keys", []).append(key)
     _toposort(gm.graph)
+    _views_to_reshapes(gm)
     gm.graph.lint()
     gm.recompile()
     return made
+
+
+def _views_to_reshapes(gm: torch.fx.GraphModule) -> None:
+    """Turn the ``view``s left outside the regions into ``reshape``s.
+
+    :func:`to_aten` drops a ``.contiguous()`` whose input was already contiguous when it traced, and
+    the ``view`` after it then assumes that layout. Traced again (AOTAutograd, after the rewrite), an
+    op may lay its output out otherwise: the CPU flash attention's output came back ``[B, H, T, D]``-
+    contiguous where the first trace had it ``[B, T, H, D]``, and ``view(transpose(attn), [B, T, C])``
+    failed ("Cannot view a tensor ... as a tensor with shape"; a 4-layer GPT under
+    ``passes=["stream", "checkpoint"]``). A ``reshape`` is that same view wherever the view is legal,
+    and a copy (what the dropped ``.contiguous()`` did) where it is not."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten.view.default:
+            n.target = aten.reshape.default
 
 
 def _scratch(node) -> int:
