@@ -215,11 +215,104 @@ class MemfitBackend:
             self.inference_graphs += 1
             return self._inner_inference(gm, example_inputs)
         self._note_inputs(example_inputs)
+        compile_one = self._compile_eager if self.options.inner == "eager" else self._compile_inductor
         if "stream" in self._passes:
             gm = self._stream(gm, example_inputs)
-        if self.options.inner == "eager":
-            return self._compile_eager(gm, example_inputs)
-        return self._compile_inductor(gm, example_inputs)
+        elif self._auto_streams():
+            return self._stream_if_needed(compile_one, gm, example_inputs)
+        return compile_one(gm, example_inputs)
+
+    def _auto_streams(self) -> bool:
+        """``passes="auto"`` with a budget: the stream pass is the exact technique of last resort."""
+        return (
+            self.options.passes == "auto"
+            and not getattr(self, "_in_stream_probe", False)
+            and self.step_budget().budget is not None
+        )
+
+    def _stream_if_needed(self, compile_one, gm, example_inputs):
+        """``passes="auto"``: compile without streaming; if no exact plan fits the budget that way (the
+        graph is over it, or only a few-bit plan fits), stream its token-wise regions and plan again.
+
+        Why last resort: streaming runs each region as chunked eager ATen graphs that Inductor cannot fuse
+        across chunks (1.1x the step of a 2-layer GPT with a 32k vocabulary, ``benchmarks/stream.py``),
+        but it is the only exact technique that removes the LM head's ``[tokens, vocab]`` logits, which
+        are the floor of every checkpoint plan (``benchmarks/acceptance.py``: at 0.6x of the plain peak
+        no checkpoint plan fits GPT-2, Llama or BERT). The compile with streaming is kept if it fits
+        exactly; else the one whose peak is lower (or the fitting few-bit one)."""
+        budget = self.step_budget().budget
+        n, n_inf, notes = len(self.records), len(self.infeasible), list(self._pending_notes)
+
+        def attempt(graph):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    out, err = compile_one(graph, example_inputs), None
+                except BudgetError as e:
+                    out, err = None, e
+            got = (out, err, self.records[n:], self.infeasible[n_inf:], caught)
+            del self.records[n:], self.infeasible[n_inf:]
+            return got
+
+        def keep(got):
+            out, err, records, infeasible, caught = got
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if err is not None:
+                raise err
+            self.records.extend(records)
+            self.infeasible.extend(infeasible)
+            return out
+
+        def exact_fit(got, margin=1.0):
+            out, err, records, infeasible, _ = got
+            return err is None and not infeasible and all(
+                r.fewbit is None and r.peak_bytes <= budget * margin for r in records
+            )
+
+        def peak(got):
+            return got[1].smallest_peak if got[1] is not None else max((r.peak_bytes for r in got[2]), default=0)
+
+        plain = attempt(gm)
+        if exact_fit(plain):
+            return keep(plain)
+        why = ("only a few-bit (approximate) plan fits" if plain[1] is None and not plain[3]
+               else f"no plan fits without it (smallest peak {format_bytes(peak(plain))})")
+        self._pending_notes[:] = notes + [f"auto: {why}; streaming the token-wise regions along the sequence"]
+        streamed_gm = self._stream(gm, example_inputs)
+        tried = self._pending_notes[len(notes):]
+        self._pending_notes[:] = notes
+        if streamed_gm is gm:  # nothing to stream; the plain compile stands, with the reason
+            for r in plain[2][:1]:
+                r.notes.extend(tried)
+            return keep(plain)
+        self._pending_notes[:] = notes + tried
+        streamed = attempt(streamed_gm)
+        self._pending_notes[:] = notes
+        # Inductor's buffer plan shows a stream op as one kernel: its chunks' scratch is the planner's
+        # model, which was 3.6-8% under the measured peak (HF GPT-2, a GPT; benchmarks/acceptance.py),
+        # so a streamed graph under Inductor keeps the checkpoint planner's margin
+        margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
+        if exact_fit(streamed, margin):
+            return keep(streamed)
+        if plain[1] is None and not plain[3]:  # the few-bit plan that fits
+            kept, other = plain, streamed
+        else:
+            kept, other = (streamed, plain) if peak(streamed) < peak(plain) else (plain, streamed)
+            if self.strict:
+                if peak(streamed) / margin < peak(plain):
+                    raise BudgetError(peak(streamed), budget, margin, hints=[
+                        "the smallest peak is with the stream pass (the margin: Inductor's buffer plans do not show "
+                        "a stream op's chunks)", *self._hints(peak(streamed), margin)])
+                raise BudgetError(peak(plain), budget, hints=[
+                    f"streaming did not lower it (smallest streamed peak {format_bytes(peak(streamed))})",
+                    *self._hints(peak(plain))])
+        for r in kept[2][:1]:
+            r.notes.append(
+                f"auto: compiled {'with' if kept is streamed else 'without'} streaming; the other way's smallest "
+                f"peak was {format_bytes(peak(other))}"
+            )
+        return keep(kept)
 
     def _stream(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
         """Run the stream pass on the Dynamo graph (before AOTAutograd); its notes go to the graph's record.
@@ -425,13 +518,19 @@ class MemfitBackend:
         ``scatter`` that Inductor rewrites away: 65 MiB predicted against 39 MiB measured.)
         """
         self._note_inputs(example_inputs)
+
+        def compile_one(graph, inputs):
+            if self.options.inner == "eager":
+                return self._compile_eager(graph, inputs)
+            return self._compile_eager(
+                graph, inputs, joint_partitioner="mincut", decompositions=self._decompositions(), joint_passes=True
+            )
+
         if "stream" in self._passes and not getattr(self, "_in_stream_probe", False):
             gm = self._stream(gm, example_inputs)
-        if self.options.inner == "eager":
-            return self._compile_eager(gm, example_inputs)
-        return self._compile_eager(
-            gm, example_inputs, joint_partitioner="mincut", decompositions=self._decompositions(), joint_passes=True
-        )
+        elif self._auto_streams():
+            return self._stream_if_needed(compile_one, gm, example_inputs)
+        return compile_one(gm, example_inputs)
 
     def latest_records(self) -> list[GraphRecord]:
         """The training graphs of one step, in the order a step runs them: a recompile of the same code

@@ -146,3 +146,39 @@ def test_non_strict_keeps_the_smallest_peak_plan_and_says_why():
     smallest = min(c["peak"] for c in rec.candidates)
     assert rec.analysis.memory.peak_bytes == smallest
     assert any(n.startswith("does not fit") for n in rec.notes)
+
+
+def test_auto_streams_only_where_no_exact_plan_fits_without_it():
+    """A GPT whose [tokens, vocab] logits are the floor of every checkpoint plan: at a budget under
+    that floor, ``passes="auto"`` streams the token-wise regions (the logits never exist whole),
+    matches eager, and the measured peak fits; at a budget checkpointing meets, it does not stream."""
+    import gpt
+
+    model, (idx, tgt) = gpt.factory(batch=1, seq=512, block_size=512, vocab_size=8192, n_layer=2, n_head=4, n_embd=64)
+    tgt[0, :7] = -1  # ignored targets
+    with pytest.raises(BudgetError) as e:
+        torch.compile(copy.deepcopy(model), backend=memfit.backend(passes=["checkpoint"], budget=1, inner="eager"))(idx, tgt)
+    floor = e.value.smallest_peak  # checkpointing's smallest peak: the logits and their gradient
+    budget = int(floor * 0.8)
+    torch._dynamo.reset()
+    be = memfit.backend(budget=budget, inner="eager")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=be)
+    loss_ref, grads_ref = loss_and_grads(ref, (idx, tgt), {})
+    loss, grads = loss_and_grads(compiled, (idx, tgt), {})
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    for k in grads_ref:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-5, atol=1e-6)
+    rec = be.records[-1]
+    stream_ops = [n for n in rec.pair.forward.graph.nodes if n.target is torch.ops.memfit.stream.default]
+    assert stream_ops and any("auto: no plan fits without it" in n for n in rec.notes), rec.notes
+    assert not be.infeasible and rec.analysis.memory.peak_bytes <= budget
+    m = measure(training_step(compiled, (idx, tgt)), repeat=1)
+    assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)
+
+    torch._dynamo.reset()
+    assert floor * 1.05 < _peak_unplanned(model, (idx, tgt))
+    be = memfit.backend(budget=int(floor * 1.05), inner="eager")
+    torch.compile(copy.deepcopy(model), backend=be)(idx, tgt).backward()
+    rec = be.records[-1]
+    assert rec.plan is not None and not any(n.target is torch.ops.memfit.stream.default for n in rec.pair.forward.graph.nodes)
