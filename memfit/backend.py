@@ -293,6 +293,10 @@ class MemfitBackend:
         # model, which was 3.6-8% under the measured peak (HF GPT-2, a GPT; benchmarks/acceptance.py),
         # so a streamed graph under Inductor keeps the checkpoint planner's margin
         margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
+        for r in streamed[2]:  # what the report and the candidates table call the choice
+            r.partition = f"stream + {r.partition}"
+            for c in r.candidates:
+                c["label"] = f"stream + {c['label']}"
         if exact_fit(streamed, margin):
             return keep(streamed)
         if plain[1] is None and not plain[3]:  # the few-bit plan that fits

@@ -172,6 +172,7 @@ def test_auto_streams_only_where_no_exact_plan_fits_without_it():
     rec = be.records[-1]
     stream_ops = [n for n in rec.pair.forward.graph.nodes if n.target is torch.ops.memfit.stream.default]
     assert stream_ops and any("auto: no plan fits without it" in n for n in rec.notes), rec.notes
+    assert rec.partition.startswith("stream + ") and all(c["label"].startswith("stream + ") for c in rec.candidates)
     assert not be.infeasible and rec.analysis.memory.peak_bytes <= budget
     m = measure(training_step(compiled, (idx, tgt)), repeat=1)
     assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)
