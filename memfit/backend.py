@@ -166,6 +166,22 @@ class _Try(NamedTuple):
     tighten: float  # planning budget / budget
 
 
+class _Attempt(NamedTuple):
+    """One compile of a graph under ``passes="auto"``, with or without streaming, held until one is kept
+    (see ``MemfitBackend._stream_if_needed``)."""
+
+    out: Callable | None
+    err: BudgetError | None
+    records: list
+    infeasible: list
+    caught: list  # its warnings, shown only if it is kept
+
+    @property
+    def peak(self) -> int:
+        """Its smallest reachable peak (refused) or its records' predicted peak."""
+        return self.err.smallest_peak if self.err is not None else max((r.peak_bytes for r in self.records), default=0)
+
+
 #: How many times a graph whose compiled buffer plan replays over the budget is planned again (for a
 #: budget smaller by the overshoot) and recompiled.
 INDUCTOR_REPLANS = 2
@@ -243,83 +259,77 @@ class MemfitBackend:
         budget = self.step_budget().budget
         n, n_inf, notes = len(self.records), len(self.infeasible), list(self._pending_notes)
 
-        def attempt(graph):
+        def attempt(graph) -> _Attempt:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     out, err = compile_one(graph, example_inputs), None
                 except BudgetError as e:
                     out, err = None, e
-            got = (out, err, self.records[n:], self.infeasible[n_inf:], caught)
+            got = _Attempt(out, err, self.records[n:], self.infeasible[n_inf:], caught)
             del self.records[n:], self.infeasible[n_inf:]
+            self._pending_notes[:] = notes
             return got
 
-        def keep(got):
-            out, err, records, infeasible, caught = got
-            for w in caught:
+        def keep(got: _Attempt):
+            for w in got.caught:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            if err is not None:
-                raise err
-            self.records.extend(records)
-            self.infeasible.extend(infeasible)
-            return out
+            if got.err is not None:
+                raise got.err
+            self.records.extend(got.records)
+            self.infeasible.extend(got.infeasible)
+            return got.out
 
-        def exact_fit(got, margin=1.0):
-            out, err, records, infeasible, _ = got
-            return err is None and not infeasible and all(
-                r.fewbit is None and r.peak_bytes <= budget * margin for r in records
+        def exact_fit(got: _Attempt, margin=1.0) -> bool:
+            return got.err is None and not got.infeasible and all(
+                r.fewbit is None and r.peak_bytes <= budget * margin for r in got.records
             )
-
-        def peak(got):
-            return got[1].smallest_peak if got[1] is not None else max((r.peak_bytes for r in got[2]), default=0)
 
         plain = attempt(gm)
         if exact_fit(plain):
             return keep(plain)
-        why = ("only a few-bit (approximate) plan fits" if plain[1] is None and not plain[3]
-               else f"no plan fits without it (smallest peak {format_bytes(peak(plain))})")
+        only_fewbit = plain.err is None and not plain.infeasible  # fits, but approximately
+        why = ("only a few-bit (approximate) plan fits" if only_fewbit
+               else f"no plan fits without it (smallest peak {format_bytes(plain.peak)})")
         self._pending_notes[:] = notes + [f"auto: {why}; streaming the token-wise regions along the sequence"]
-        streamed_gm = self._stream(gm, example_inputs)
-        tried = self._pending_notes[len(notes):]
-        self._pending_notes[:] = notes
+        streamed_gm = self._stream(gm, example_inputs)  # leaves its notes pending for the streamed compile
         if streamed_gm is gm:  # nothing to stream; the plain compile stands, with the reason
-            for r in plain[2][:1]:
-                r.notes.extend(tried)
+            for r in plain.records[:1]:
+                r.notes.extend(self._pending_notes[len(notes):])
+            self._pending_notes[:] = notes
             return keep(plain)
-        self._pending_notes[:] = notes + tried
         streamed = attempt(streamed_gm)
-        self._pending_notes[:] = notes
         # Inductor's buffer plan shows a stream op as one kernel: its chunks' scratch is the planner's
         # model, which was 3.6-8% under the measured peak (HF GPT-2, a GPT; benchmarks/acceptance.py),
         # so a streamed graph under Inductor keeps the checkpoint planner's margin
-        margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
-        for r in streamed[2]:  # what the report and the candidates table call the choice
+        margin = self._plan_margin
+        for r in streamed.records:  # what the report and the candidates table call the choice
             r.partition = f"stream + {r.partition}"
             for c in r.candidates:
                 c["label"] = f"stream + {c['label']}"
         if exact_fit(streamed, margin):
             return keep(streamed)
-        if plain[1] is None and not plain[3]:  # the few-bit plan that fits
+        if only_fewbit:
             kept, other = plain, streamed
         else:
-            kept, other = (streamed, plain) if peak(streamed) < peak(plain) else (plain, streamed)
+            kept, other = (streamed, plain) if streamed.peak < plain.peak else (plain, streamed)
             if self.strict:
-                if peak(streamed) / margin < peak(plain):
-                    raise BudgetError(peak(streamed), budget, margin, hints=[
+                if streamed.peak / margin < plain.peak:
+                    raise BudgetError(streamed.peak, budget, margin, hints=[
                         "the smallest peak is with the stream pass (the margin: Inductor's buffer plans do not show "
-                        "a stream op's chunks)", *self._hints(peak(streamed), margin)])
-                raise BudgetError(peak(plain), budget, hints=[
-                    f"streaming did not lower it (smallest streamed peak {format_bytes(peak(streamed))})",
-                    *self._hints(peak(plain))])
-        for r in kept[2][:1]:
+                        "a stream op's chunks)", *self._hints(streamed.peak, margin)])
+                raise BudgetError(plain.peak, budget, hints=[
+                    f"streaming did not lower it (smallest streamed peak {format_bytes(streamed.peak)})",
+                    *self._hints(plain.peak)])
+        for r in kept.records[:1]:
             r.notes.append(
                 f"auto: compiled {'with' if kept is streamed else 'without'} streaming; the other way's smallest "
-                f"peak was {format_bytes(peak(other))}"
+                f"peak was {format_bytes(other.peak)}"
             )
-            if kept is streamed and not kept[3] and peak(kept) > budget * margin:  # strict=False: say so
-                err = BudgetError(peak(kept), budget, margin, hints=self._hints(peak(kept), margin))
+            if kept is streamed and not kept.infeasible and kept.peak > budget * margin:  # strict=False: say so
+                err = BudgetError(kept.peak, budget, margin, hints=self._hints(kept.peak, margin))
                 r.notes.append(f"does not fit: {str(err).splitlines()[0]}")
-                kept[3].append(str(err))
+                kept.infeasible.append(str(err))
         return keep(kept)
 
     def _stream(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
@@ -333,7 +343,7 @@ class MemfitBackend:
         searched = budget is not None and self.options.stream_chunks is None
         # under Inductor a stream op's chunk scratch is modelled, not replayed from its buffer plan (the
         # model was 3.6-8% under the measured peak): the search aims at the checkpoint planner's margin
-        margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
+        margin = self._plan_margin
         # (regions kept: the n largest, None = all; chunk multiplier; attention by query chunks)
         tries = [(None, 1, False)]
         if searched:
@@ -473,7 +483,7 @@ class MemfitBackend:
             pair = GraphPair(fw, bw, num_fwd_outputs)
             return simulate([pair], granularity=profile.alloc_granularity, fused=self._fused).peak_bytes, (fw, bw)
 
-        margin = INDUCTOR_PLAN_MARGIN if self._fused else 1.0
+        margin = self._plan_margin
         target = int(budget * margin)
         try:
             plan, (fw, bw) = planner.plan(
@@ -497,6 +507,12 @@ class MemfitBackend:
     def _fused(self) -> bool:
         """Whether the inner compiler fuses pointwise ops (what the memory model should assume)."""
         return self.options.inner == "inductor"
+
+    @property
+    def _plan_margin(self) -> float:
+        """The fraction of the budget a plan aims at: ``INDUCTOR_PLAN_MARGIN`` under Inductor (what the
+        planner's model of a compiled step can miss), 1 under the eager inner compiler (exact there)."""
+        return INDUCTOR_PLAN_MARGIN if self._fused else 1.0
 
     def _inner_inference(self, gm, example_inputs):
         if self.options.inner == "eager":
@@ -911,7 +927,7 @@ class MemfitBackend:
         approx = min((c for c in fits if not c.exact), key=lambda c: c.time_s, default=None)
         chosen = exact if exact is not None and (approx is None or exact.time_s <= 1.02 * approx.time_s) else approx
         if chosen is None:
-            margin = INDUCTOR_PLAN_MARGIN if self._fused and "checkpoint" in self._passes else 1.0
+            margin = self._plan_margin if "checkpoint" in self._passes else 1.0
             err = BudgetError(min(smallest), budget, margin, hints=self._hints(min(smallest), margin))
             if self.strict:
                 raise err
