@@ -22,9 +22,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -37,7 +35,7 @@ import hf_llama  # noqa: E402
 import memfit  # noqa: E402
 from memfit.backend import INDUCTOR_PLAN_MARGIN, BudgetError  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import measure, training_step  # noqa: E402
+from memfit.measure import measure, paired_times, training_step  # noqa: E402
 from memfit.trace import trace_step  # noqa: E402
 
 MODELS = {
@@ -111,7 +109,7 @@ def run_model(key: str, budgets_n: int, repeat: int, rounds: int = 7) -> list[di
         a = row["auto"]
         singles = [(n, row[n]) for n in ("checkpoint", "fewbit") if "peak" in row[n] and row[n]["fits"]]
         if "peak" in a and singles:
-            paired = _paired([steps["auto"]] + [steps[n] for n, _ in singles], rounds)
+            paired = paired_times([steps["auto"]] + [steps[n] for n, _ in singles], rounds=rounds)
             a["paired_s"] = paired[0]
             for (n, r), t in zip(singles, paired[1:]):
                 r["paired_s"] = t
@@ -130,18 +128,6 @@ def run_model(key: str, budgets_n: int, repeat: int, rounds: int = 7) -> list[di
             )
         rows.append(row)
     return rows
-
-
-def _paired(steps, rounds: int) -> list[float]:
-    """Median seconds per step of step closures run in turn, ``rounds`` times each."""
-    times = [[] for _ in steps]
-    for _ in range(rounds):
-        for step, out in zip(steps, times):
-            step.before()
-            t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -35,7 +34,7 @@ import gpt  # noqa: E402
 import memfit  # noqa: E402
 from memfit.backend import BudgetError  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import measure, training_step  # noqa: E402
+from memfit.measure import measure, paired_times, training_step  # noqa: E402
 
 
 def main() -> None:
@@ -104,7 +103,7 @@ def main() -> None:
             continue
         t = min(torch_rows, key=lambda x: abs(x["peak"] - r["peak"]))
         r["closest_fraction"] = t["fraction"]
-        mine, theirs = _paired(steps[("memfit", r["budget"])], steps[("torch", t["fraction"])], a.rounds)
+        mine, theirs = paired_times([steps[("memfit", r["budget"])], steps[("torch", t["fraction"])]], rounds=a.rounds)
         r["paired_ms"], r["paired_torch_ms"] = mine * 1e3, theirs * 1e3
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         print("WARNING: a configuration was recompiled during the paired timing; its times are not comparable")
@@ -127,7 +126,7 @@ def main() -> None:
     feasible = [r for r in memfit_rows if not r.get("infeasible")]
     if feasible:
         low = min(feasible, key=lambda r: r["peak"])
-        mine, theirs = _paired(steps[("memfit", low["budget"])], steps[("torch", lowest_torch["fraction"])], a.rounds)
+        mine, theirs = paired_times([steps[("memfit", low["budget"])], steps[("torch", lowest_torch["fraction"])]], rounds=a.rounds)
         print(
             f"\nlowest memfit peak {format_bytes(low['peak'])} vs lowest torch peak {format_bytes(lowest_torch['peak'])} "
             f"at fraction {lowest_torch['fraction']}: {100 * (1 - low['peak'] / lowest_torch['peak']):.0f}% lower, "
@@ -150,18 +149,6 @@ def _inductor_at(fraction: float):
             return compile_fx(gm, example_inputs)
 
     return backend
-
-
-def _paired(mine, theirs, rounds: int) -> tuple[float, float]:
-    """Median seconds per step of two step closures run alternately ``rounds`` times each."""
-    times = ([], [])
-    for _ in range(rounds):
-        for step, out in zip((mine, theirs), times):
-            step.before()
-            t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 if __name__ == "__main__":

@@ -129,15 +129,35 @@ def measure(
         peak = peak_bytes_cuda(step, device)
     else:
         peak = peak_bytes_cpu(step)
-    times = []
-    for _ in range(repeat):
-        before()
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = [_timed(step, device) for _ in range(repeat)]
     return Measurement(peak, statistics.median(times), tuple(times), str(device))
+
+
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one ``step()``, its ``before`` run first and outside the timing."""
+    (getattr(step, "before", None) or (lambda: None))()
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def paired_times(steps: list[Callable[[], object]], *, rounds: int = 7, device: str | torch.device = "cpu") -> list[float]:
+    """Median seconds per step of ``steps`` run in turn, one step of each per round, ``rounds`` times.
+
+    For comparing configurations on a shared machine: a change of load during the run hits them all
+    alike. Measured one after another, the same graphs' times differed by up to 1.39x on this 2-core
+    machine (``benchmarks/auto_planner.py``); paired, by 0.97-1.03x. The steps must be compiled
+    already (a first call that compiles would count as a step)."""
+    device = torch.device(device)
+    if rounds < 1 or not steps:
+        raise ValueError(f"rounds={rounds} must be >= 1 and steps must not be empty")
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, out in zip(steps, times):
+            out.append(_timed(step, device))
+    return [statistics.median(t) for t in times]
 
 
 def training_step(

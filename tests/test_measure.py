@@ -38,3 +38,29 @@ def test_to_loss():
     assert to_loss((t, torch.ones(3))) is t
     with pytest.raises(ValueError, match="loss_fn"):
         to_loss(torch.ones(3))
+
+
+def test_paired_times_alternate_the_steps():
+    """Each round runs one step of each configuration in turn (its ``before`` first, outside the
+    timing), and the result is one median per step; bad counts are refused."""
+    import time as _time
+
+    from memfit.measure import paired_times
+
+    log = []
+
+    def make(name, seconds):
+        def step():
+            log.append(name)
+            _time.sleep(seconds)
+
+        step.before = lambda: log.append(f"{name}.before")
+        return step
+
+    fast, slow = paired_times([make("a", 0.0), make("b", 0.02)], rounds=3)
+    assert log == ["a.before", "a", "b.before", "b"] * 3
+    assert slow >= 0.02 and fast >= 0.0  # sleep is a lower bound: no claim on a shared machine's speed
+    with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+        paired_times([make("a", 0.0)], rounds=0)
+    with pytest.raises(ValueError, match="steps must not be empty"):
+        paired_times([], rounds=1)
