@@ -29,11 +29,18 @@ def _grads(model, fn):
     return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_close(got, ref, rtol=1e-5):
+def _assert_close(got, ref, rtol=1e-5, zero=()):
+    """Loss and every gradient within ``rtol`` of the largest entry. ``zero``: gradients that are zero in
+    exact arithmetic (a key projection's bias: softmax ignores a shift shared by a row's scores), whose
+    entries are rounding noise on both sides; they must stay below 1e-6 of the step's largest gradient."""
     (l1, g1), (l0, g0) = got, ref
     torch.testing.assert_close(l1, l0, rtol=rtol, atol=0)
     assert g1.keys() == g0.keys() and g0
+    scale = max(g.abs().max() for g in g0.values())
     for k in g0:
+        if any(z in k for z in zero):
+            assert max(g0[k].abs().max(), g1[k].abs().max()) <= 1e-6 * scale, k
+            continue
         err = (g1[k] - g0[k]).abs().max() / g0[k].abs().max().clamp_min(1e-30)
         assert err <= rtol, f"grad of {k}: max error {err:.2e} of its largest entry"
 
@@ -140,11 +147,91 @@ def test_hf_models_with_padding_and_ignore_index(arch, padding, inner):
     notes = " ".join(n for r in be.records for n in r.notes)
     attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     streamed = sum(n.target is attn for r in regions for n in r.body.graph.nodes)
-    if padding:
-        assert "attention with an explicit mask" in notes  # HF builds a [B, 1, T, T] mask for the padding
-        assert streamed == 0
+    assert streamed == 2  # both layers' attentions run by query chunks, with padding too
+    # HF's padding mask is ``causal & padding``: proven causal, so each chunk reads only its prefix
+    assert {mode for r in regions for _, mode in r.plan.attentions} == {"prefix"}
+    assert "explicit mask" not in notes
+    masks = [lay for r in regions for name, lay in zip(r.plan.inputs, r.input_layouts)
+             if any(n.name == name and any(u.kwargs.get("attn_mask") is n for u in n.users) for n in r.body.graph.nodes)]
+    if padding:  # the [B, 1, T, T] mask is an input of both attention regions, sliced by query rows
+        assert masks == [Tok(2), Tok(2)]
     else:
-        assert streamed == 2  # both layers' attentions run by query chunks
+        assert masks == []
+
+
+def test_bert_with_padding_streams_attention_against_all_keys():
+    """A bidirectional attention (BERT's, with its padding mask) runs by query chunks against all keys:
+    the mask's query rows are sliced per chunk, dK and dV are summed over the chunks."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg)
+    ids, mask, labels = _hf_batch(1024)
+
+    def step(ids, mask, labels):
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    ref = _grads(model, lambda: step(ids, mask, labels))
+    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=4, stream_attention=True)
+    compiled = torch.compile(step, backend=be)
+    _assert_close(_grads(model, lambda: compiled(ids, mask, labels)), ref, zero=("self.key.bias",))
+    regions = _regions(be)
+    attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert sum(n.target is attn for r in regions for n in r.body.graph.nodes) == 2
+    assert {mode for r in regions for _, mode in r.plan.attentions} == {"whole"}
+    whole = [lay for r in regions for lay in r.input_layouts if isinstance(lay, Tok) and lay.whole]
+    assert len(whole) == 4  # each layer's K and V, read whole by every chunk
+    assert all(r.chunk_runs >= 4 for r in regions)
+
+
+class _MaskedAttention(torch.nn.Module):
+    """embedding -> one attention whose boolean mask the model builds -> LM head -> cross-entropy."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 32)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.out = torch.nn.Linear(32, 64)
+        self.kind = kind
+
+    def forward(self, ids, tgt, data_mask):
+        B, T = ids.shape
+        q, k, v = self.qkv(self.emb(ids)).view(B, T, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T, device=ids.device)
+        if self.kind == "window":  # causal, and at most 8 keys back: a conjunction with k <= q
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 8)
+        elif self.kind == "anticausal":  # each query sees itself and the keys after it
+            mask = pos[:, None] <= pos[None, :]
+        elif self.kind == "shifted":  # k <= q + 1: one key ahead, not provably causal
+            mask = pos[None, :] <= (pos + 1)[:, None]
+        else:  # data: whatever the batch says
+            mask = data_mask
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h.transpose(1, 2).reshape(B, T, 32)
+        return torch.nn.functional.cross_entropy(self.out(h).flatten(0, 1), tgt.flatten())
+
+
+@pytest.mark.parametrize("kind,mode", [("window", "prefix"), ("anticausal", "whole"), ("shifted", "whole"),
+                                       ("data", "whole")])
+def test_explicit_masks_stream_exactly_prefix_only_when_proven_causal(kind, mode):
+    """A mask is read by the prefix only where the graph proves it causal; any other mask is read against
+    all keys. Either way the step equals eager's (an unproven mask cut to the prefix would not: the
+    anticausal and shifted masks allow keys after the chunk)."""
+    torch.manual_seed(0)
+    m = _MaskedAttention(kind)
+    ids, tgt = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    data_mask = torch.rand(2, 1, 32, 32) < 0.7
+    data_mask |= torch.eye(32, dtype=torch.bool)  # no query row without a key
+    ref = _grads(m, lambda: m(ids, tgt, data_mask))
+    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=4, stream_attention=True)
+    compiled = torch.compile(m, backend=be)
+    _assert_close(_grads(m, lambda: compiled(ids, tgt, data_mask)), ref)
+    regions = _regions(be)
+    assert [mode_ for r in regions for _, mode_ in r.plan.attentions] == [mode]
+    assert all(r.chunk_runs >= 4 for r in regions if r.plan.attentions)
 
 
 class _TokenMLP(torch.nn.Module):

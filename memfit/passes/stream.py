@@ -145,7 +145,7 @@ class _Region:
         return out
 
     def slice_inputs(self, xs, s, e):
-        return [lay.rows(x, self.seq, 0 if lay.prefix else s, e) if isinstance(lay, Tok) else x
+        return [lay.rows(x, self.seq, *lay.span(self.seq, s, e)) if isinstance(lay, Tok) else x
                 for x, lay in zip(xs, self.input_layouts)]
 
     def chunk_key(self, s, e):
@@ -163,7 +163,7 @@ class _Region:
                 full = torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 # sliced as at run time, so the traced graph copies exactly where a view would fail
                 if isinstance(lay, Tok):
-                    full = lay.rows(full, self.seq, 0, e if lay.prefix else c)
+                    full = lay.rows(full, self.seq, *lay.span(self.seq, *((e - c, e) if e is not None else (0, c))))
                 out.append(full)
             out += [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in extra]
         return mode, out
@@ -406,8 +406,8 @@ class _Region:
         k = 0
         for lay, need in zip(self.input_layouts, self.needs):
             if need:
-                if isinstance(lay, Tok) and lay.prefix:  # keys/values: every later chunk adds to them
-                    lay.rows(gfull[k], self.seq, 0, e).add_(got[k])
+                if isinstance(lay, Tok) and lay.shared_rows:  # keys/values: every later chunk adds to them
+                    lay.rows(gfull[k], self.seq, *lay.span(self.seq, s, e)).add_(got[k])
                 elif isinstance(lay, Tok):
                     lay.write(gfull[k], self.seq, s, e, got[k])
                 k += 1
@@ -507,7 +507,7 @@ def _run_chunked(n, args, kwargs, seq, c):
         # a chunk of an input is a strided slice: a view the whole tensor allowed may need a copy now
         return aten.reshape.default(args[0], shape)
     if n.meta.get("memfit_attn"):
-        return _causal_prefix_attention(args[0], args[1], args[2], kwargs.get("scale"))
+        return _chunk_attention(args[0], args[1], args[2], kwargs.get("attn_mask"), kwargs.get("scale"), n.meta["memfit_attn"])
     if n.meta.get("memfit_reduce") is None:
         return args[0][args[1]] if t is operator.getitem else t(*args, **kwargs)
     # a token reduction: each chunk gives its partial sum
@@ -524,14 +524,22 @@ def _run_chunked(n, args, kwargs, seq, c):
     return t(*args, **kwargs)
 
 
-def _causal_prefix_attention(q, k, v, scale=None):
-    """Causal attention of a query chunk against the keys and values of its prefix: query row i of the
-    chunk is token ``e - c + i`` and sees keys ``0 .. e - c + i`` (lower-right alignment; ``is_causal``
-    would align top-left when the lengths differ). The additive mask is ``chunk x prefix``, never
-    ``T x T``; its first chunk is the usual lower triangle. Exact: same kernel, same keys per row."""
+def _chunk_attention(q, k, v, mask, scale, mode):
+    """Attention of a query chunk. ``"prefix"``: against the keys and values of its prefix — query row
+    i of the chunk is token ``e - c + i`` and sees keys ``0 .. e - c + i`` (lower-right alignment;
+    ``is_causal`` would align top-left when the lengths differ); with no mask the additive mask is the
+    ``chunk x prefix`` lower triangle, with a (provably causal) mask its rows for the chunk, cut to the
+    prefix. ``"whole"``: against all keys, with the mask's rows for the chunk. Never a ``T x T`` mask of
+    our own. Exact: same kernel, same keys and mask entries per row."""
     c, e = q.shape[-2], k.shape[-2]
-    allowed = torch.ones(c, e, dtype=torch.bool, device=q.device).tril(e - c)
-    mask = torch.zeros(c, e, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    if mode == "prefix":
+        if mask is None:
+            allowed = torch.ones(c, e, dtype=torch.bool, device=q.device).tril(e - c)
+            mask = torch.zeros(c, e, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        elif mask.shape[-1] != e:
+            mask = mask.narrow(-1, 0, e)  # the keys after the chunk: ruled out by the mask itself
     return aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
@@ -610,6 +618,7 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
     g = torch.fx.Graph()
     env: dict = {}
     xs_meta = []
+    attn_modes = dict(rp.attentions)
     reductions = {}  # token reductions: the node itself, or the nll_loss_forward behind an item
     for name, lay in zip(rp.outputs, rp.output_layouts):
         if isinstance(lay, str):
@@ -630,8 +639,8 @@ def _build(gm: torch.fx.GraphModule, rp: RegionPlan, seq: int, need: set, layout
             m.meta["memfit_tok"] = lay
         if name in reductions:
             m.meta["memfit_reduce"] = reductions[name]
-        if n.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            m.meta["memfit_attn"] = True  # a member attention (the planner checked it is causal, no mask)
+        if name in attn_modes:
+            m.meta["memfit_attn"] = attn_modes[name]  # a member attention: which keys a chunk reads
         env[n] = m
     tok_outputs, tok_names, accs, outputs, out_meta, out_nodes = [], [], [], [], [], []
     acc_index: dict = {}

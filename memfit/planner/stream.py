@@ -47,6 +47,18 @@ class Tok:
     prefix: bool = False
     """A causal attention's keys or values: chunk ``[s, e)`` reads rows ``[0, e)`` (and its gradient
     there is accumulated over the chunks)."""
+    whole: bool = False
+    """A non-causal attention's keys or values (or those of one whose explicit mask is not provably
+    causal): every chunk reads all rows, and their gradient is accumulated over the chunks."""
+
+    def span(self, seq: int, start: int, end: int) -> tuple[int, int]:
+        """The rows chunk ``[start, end)`` reads."""
+        return (0, seq) if self.whole else (0, end) if self.prefix else (start, end)
+
+    @property
+    def shared_rows(self) -> bool:
+        """Read by more than one chunk (keys and values): the gradient is added up, not written."""
+        return self.prefix or self.whole
 
     def chunk_shape(self, shape, seq: int, c: int) -> list[int]:
         s = list(shape)
@@ -91,6 +103,9 @@ class RegionPlan:
     in the forward, right after it, and the backward only scales the gradients — no recompute."""
     region_bytes: int = 0
     """Bytes of the region's intermediates for the whole sequence (what streaming avoids holding)."""
+    attentions: tuple[tuple[str, str], ...] = ()
+    """(attention node, ``"prefix"`` | ``"whole"``): the attentions run by query chunks, and which keys
+    a chunk reads (see :func:`_attention_mode`)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class _Info:
     member: dict = field(default_factory=dict)  # node -> reduction kind or "row"
     reason: dict = field(default_factory=dict)  # node -> why it is not row-local (it had token inputs)
     inferred: dict = field(default_factory=dict)  # (node, arg node) -> Tok inferred for an external arg
+    attn: dict = field(default_factory=dict)  # member attention -> "prefix" | "whole" (which keys a chunk reads)
 
 
 class _Stop(Exception):
@@ -489,10 +505,11 @@ def analyse(gm: torch.fx.GraphModule, seq: int, attention: bool = True) -> _Info
         if n.target in _ATTENTION:
             q = info.layout.get(n.args[0])
             info.layout[n] = (q, q) + (None,) * 10 if isinstance(q, Tok) else None
-            why = _causal_streamable(n, info, seq) if attention else (
-                "attention mixes the tokens (not streamed by query chunks: not needed for the budget)")
-            if why is None:
-                info.member[n] = "attn"  # streamed by query chunks against the prefix of K and V
+            mode, why = _attention_mode(n, info, seq) if attention else (
+                None, "attention mixes the tokens (not streamed by query chunks: not needed for the budget)")
+            if mode is not None:
+                info.member[n] = "attn"  # streamed by query chunks against the prefix (or all) of K and V
+                info.attn[n] = mode
             else:
                 info.reason[n] = why
             continue
@@ -515,26 +532,116 @@ def analyse(gm: torch.fx.GraphModule, seq: int, attention: bool = True) -> _Info
 _CAUSAL_CPU = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu").default
 
 
-def _causal_streamable(n, info: _Info, seq: int) -> str | None:
-    """None when the attention can run by query chunks (each chunk against the keys and values of its
-    prefix, causal alignment lower-right); else why not, for the report."""
+def _attention_mode(n, info: _Info, seq: int) -> tuple[str | None, str | None]:
+    """How an attention runs by query chunks, or why it cannot (for the report).
+
+    ``"prefix"``: each chunk against the keys and values of its prefix, causal alignment lower-right —
+    for ``is_causal=True``, and for an explicit mask that provably allows no key after its query
+    (:func:`_implies_causal`: HF's padding masks are ``causal & padding``). ``"whole"``: each chunk
+    against all keys, the mask's rows sliced with the queries — for a non-causal attention (BERT) and a
+    mask nothing proves causal. Exact either way: every query row sees the same keys with the same
+    mask entries as in the whole attention (the prefix drops only keys its mask rules out)."""
     if n.target is not _CAUSAL_CPU:
-        return "attention mixes the tokens (only the CPU flash kernel is streamed by query chunks so far)"
+        return None, "attention mixes the tokens (only the CPU flash kernel is streamed by query chunks so far)"
     args = list(n.args) + [None] * 5
     dropout = args[3] if args[3] is not None else n.kwargs.get("dropout_p", 0.0)
     causal = args[4] if args[4] is not None else n.kwargs.get("is_causal", False)
-    if n.kwargs.get("attn_mask") is not None:
-        return "attention with an explicit mask mixes the tokens (a causal is_causal=True attention is streamed)"
-    if not causal:
-        return "non-causal attention mixes the tokens"
+    mask = n.kwargs.get("attn_mask")
     if dropout:
-        return "attention with dropout (its mask cannot be drawn chunk by chunk as it is drawn whole)"
+        return None, "attention with dropout (its mask cannot be drawn chunk by chunk as it is drawn whole)"
     lays = [info.layout.get(a) for a in n.args[:3]]
     shapes = [_shape(a) for a in n.args[:3]]
     if not all(isinstance(t, Tok) and t.outer == 1 and t.inner == 1 and t.dim == len(sh) - 2 and sh[-2] == seq
                for t, sh in zip(lays, shapes)):
-        return "attention whose query, key and value do not hold the tokens in dim -2"
+        return None, "attention whose query, key and value do not hold the tokens in dim -2"
+    if mask is None:
+        return ("prefix" if causal else "whole"), None
+    if not isinstance(mask, torch.fx.Node) or not isinstance(_val(mask), torch.Tensor):
+        return None, "attention with a mask that is not a tensor"
+    ms = _shape(mask)
+    if len(ms) < 2 or ms[-2] not in (1, seq) or ms[-1] not in (1, seq) or len(ms) > 4:
+        return None, f"attention with a mask of shape {list(ms)} (not [..., queries | 1, keys | 1])"
+    # the mask's rows follow the query chunks (a mask broadcast over the queries is shared by all chunks)
+    info.inferred[(n, mask)] = Tok(len(ms) - 2) if ms[-2] == seq else None
+    if causal:
+        return None, "attention with both is_causal and a mask"
+    return ("prefix" if _implies_causal(mask, seq) else "whole"), None
+
+
+_PASS = {aten.expand.default, aten.unsqueeze.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+         aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default}
+
+
+def _implies_causal(m, seq: int) -> bool:
+    """True when mask ``m`` (boolean, or additive 0/-inf) provably allows no key after its query:
+    ``m[..., q, k]`` allowed implies ``k <= q``. Proven on the graph that made it: a ``where(c, 0,
+    -inf)`` of a conjunction (``&``) one of whose terms compares key positions with query positions
+    (``k <= q``, ``k < q``, ``q >= k``, ``q > k``), the positions being ``arange(seq)`` (plus 0) laid
+    along the key dim (-1) and the query dim (-2). Anything else: False (the chunks then read all keys)."""
+    if not isinstance(m, torch.fx.Node) or m.op != "call_function":
+        return False
+    t, sh = m.target, _shape(m) if isinstance(_val(m), torch.Tensor) else ()
+    if len(sh) < 2 or sh[-2:] != (seq, seq):
+        return False
+    if t is aten.where.self:
+        return _scalar(m.args[1]) == 0 and _scalar(m.args[2]) == float("-inf") and _implies_causal(m.args[0], seq)
+    if t in _PASS:
+        src = m.args[0]
+        return (isinstance(src, torch.fx.Node) and isinstance(_val(src), torch.Tensor) and len(_shape(src)) >= 2
+                and _shape(src)[-2:] == (seq, seq) and _implies_causal(src, seq))
+    if t in (aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor) and _val(m).dtype == torch.bool:
+        return any(_implies_causal(a, seq) for a in m.args[:2])
+    pairs = {aten.le.Tensor: (0, 1), aten.lt.Tensor: (0, 1), aten.ge.Tensor: (1, 0), aten.gt.Tensor: (1, 0)}
+    if t in pairs:
+        k, q = (m.args[i] for i in pairs[t])
+        return _positions(k, seq) == -1 and _positions(q, seq) == -2
+    return False
+
+
+def _scalar(a):
+    """The value of a Python number or a ``scalar_tensor``/``full([], v)`` node, else None."""
+    if isinstance(a, (int, float)):
+        return float(a)
+    if isinstance(a, torch.fx.Node) and a.op == "call_function":
+        if a.target is aten.scalar_tensor.default:
+            return float(a.args[0])
+        if a.target is aten.full.default and list(a.args[0]) == []:
+            return float(a.args[1])
     return None
+
+
+def _positions(p, seq: int) -> int | None:
+    """The dim (from the end) along which ``p`` holds the positions ``0 .. seq-1`` (``arange(seq)``,
+    plus 0, unsqueezed, expanded or viewed, every other dim of size 1 before broadcasting), else None."""
+    if not isinstance(p, torch.fx.Node) or not isinstance(_val(p), torch.Tensor):
+        return None
+    sh = _shape(p)
+    if sh.count(seq) != 1 or any(s not in (1, seq) for s in sh):
+        return None
+    where = sh.index(seq) - len(sh)
+    x = p
+    while True:
+        if x.op != "call_function":
+            return None
+        t = x.target
+        if t is aten.arange.default:
+            return where if list(x.args) == [seq] else None
+        if t is aten.arange.start:
+            return where if list(x.args[:2]) == [0, seq] else None
+        if t is aten.arange.start_step:
+            return where if list(x.args[:3]) == [0, seq, 1] else None
+        if t in (aten.add.Tensor, aten.add.Scalar) and _scalar(x.args[1]) == 0 and len(x.args) == 2:
+            x = x.args[0]
+        elif t in (aten.unsqueeze.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                   aten.clone.default, aten.alias.default, aten._to_copy.default):
+            x = x.args[0]
+        else:
+            return None
+        if not isinstance(x, torch.fx.Node) or not isinstance(_val(x), torch.Tensor):
+            return None
+        xs = _shape(x)
+        if xs.count(seq) != 1 or any(s not in (1, seq) for s in xs):
+            return None
 
 
 def _keep_layout(n, info: _Info) -> None:
@@ -639,11 +746,17 @@ def _region(name, group, info, chunks, needs_grad) -> RegionPlan | None:
                 lay = next((t for (m, x), t in info.inferred.items() if x is a and m in gset), None)
             if isinstance(info.layout.get(a), tuple):
                 return None  # a multi-output value is taken through its getitems
+            masked = [m for m in a.users if m in gset and info.member.get(m) == "attn" and m.kwargs.get("attn_mask") is a]
+            if masked:
+                if any(m in gset and m not in masked for m in a.users) or a in masked[0].args[:3]:
+                    return None  # a mask is sliced by query rows (its own dim -2): not read as anything else
+                lay = info.inferred[(masked[0], a)]  # the attention's reading, whatever layout the mask had
             kv = [m for m in a.users if m in gset and info.member.get(m) == "attn" and a in m.args[1:3]]
             if kv:
-                if any(m in gset and m not in kv for m in a.users) or a in kv[0].args[:1]:
+                modes = {info.attn[m] for m in kv}
+                if any(m in gset and m not in kv for m in a.users) or a in kv[0].args[:1] or len(modes) > 1:
                     return None  # read whole by the attention and by rows elsewhere: not both
-                lay = dataclasses.replace(lay, prefix=True)
+                lay = dataclasses.replace(lay, prefix=modes == {"prefix"}, whole=modes == {"whole"})
             inputs.append(a)
             input_layouts.append(lay)
     outputs, output_layouts = [], []
@@ -678,6 +791,7 @@ def _region(name, group, info, chunks, needs_grad) -> RegionPlan | None:
         chunks=chunks,
         grad_in_forward=grad_in_forward,
         region_bytes=region_bytes,
+        attentions=tuple((n.name, info.attn[n]) for n in group if n in info.attn),
     )
 
 
@@ -733,12 +847,26 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
             while r.region_bytes / k > hidden and seq // (2 * k) >= MIN_CHUNK_TOKENS:
                 k *= 2
             k = min(k * multiplier, max(seq // 16, 1))
-            if any(isinstance(lay, Tok) and lay.prefix for lay in r.input_layouts):
+            if any(isinstance(lay, Tok) and lay.shared_rows for lay in r.input_layouts):
                 k = min(k, MAX_ATTENTION_CHUNKS)
             regions.append(dataclasses.replace(r, chunks=k))
         plan = dataclasses.replace(plan, regions=tuple(regions))
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(
         f"stream: region {r.name} ({len(r.nodes)} ops, {r.region_bytes / 2**20:.2f} MiB of intermediates) in "
-        f"{r.chunks} chunks{', gradients computed in the forward' if r.grad_in_forward else ''}"
+        f"{r.chunks} chunks{', gradients computed in the forward' if r.grad_in_forward else ''}{_attention_note(r)}"
         for r in plan.regions))
     return plan, info
+
+
+def _attention_note(r: RegionPlan) -> str:
+    """How the region's attentions read the keys, for the report (a whole read costs a causal attention
+    twice the FLOPs of a prefix read)."""
+    modes = [m for _, m in r.attentions]
+    if not modes:
+        return ""
+    parts = []
+    if modes.count("prefix"):
+        parts.append(f"{modes.count('prefix')} against their prefix (causal)")
+    if modes.count("whole"):
+        parts.append(f"{modes.count('whole')} against all keys (not causal, or a mask not provably causal)")
+    return ", attentions by query chunks: " + ", ".join(parts)
