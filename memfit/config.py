@@ -120,10 +120,10 @@ class Options:
     bring each region's chunk below one full-sequence hidden state (and, with a budget, under it)."""
 
     stream_attention: bool | None = None
-    """Run causal attentions by query chunks inside streamed regions: ``True`` always, ``False`` never,
-    ``None`` only when the budget cannot be met otherwise (on CPU the chunked attention, masked against
-    each prefix, costs more than the whole causal one: 1.5x the step of a 2-layer GPT at 4096 tokens
-    against 1.15x without it)."""
+    """Run attentions (causal, masked or bidirectional) by query chunks inside streamed regions:
+    ``True`` always, ``False`` never, ``None`` only when the budget cannot be met otherwise (on CPU the
+    chunked attention, masked against each prefix, costs more than the whole causal one: 1.5x the
+    step of a 2-layer GPT at 4096 tokens against 1.15x without it)."""
 
     allow_approximation: bool = False
     """Let ``passes="auto"`` use the approximate few-bit activation gradients where they make the step

@@ -16,8 +16,11 @@ targets, which the op itself returns), so there is no host synchronisation.
 
 The rules are per op (``_RULES``) and conservative: an op with no rule, a view that merges the token
 dim with another one, a random op (dropout's mask cannot be drawn in chunks the way it is drawn whole)
-or an attention (tokens mix) ends the region, and the op and the reason are recorded for the report.
-That is the whole correctness argument: a region only holds ops whose rows are independent.
+ends the region, and the op and the reason are recorded for the report. That is the whole
+correctness argument: a region only holds ops whose rows are independent — and attentions, which
+mix tokens only through their keys and values: those come whole from an earlier region, and each
+query chunk reads them (its prefix of them when the attention is provably causal, see
+:func:`_attention_mode`) with its own rows of the mask.
 
 Like StreamBP (arXiv 2506.03077) the forward keeps only a region's inputs; unlike it, the regions come
 from the graph, not from monkeypatched modules, and the loss's normaliser comes from the graph with no
