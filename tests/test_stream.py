@@ -90,6 +90,10 @@ def test_gpt_matches_unstreamed_and_runs_each_region_in_chunks(inner):
     k_in = [lay for lay in regions[1].input_layouts if lay is not None and lay.prefix]
     assert len(k_in) == 2  # K and V: each chunk reads their prefix, and adds to their gradient there
     assert any("region s2" in n and "4 chunks" in n for n in rec.notes)
+    # under Inductor a region's chunk graphs are compiled too (fused), except where a causal attention
+    # needs one graph per prefix length: one compile for the first region's forward and one for its backward
+    assert [r.plan.fused for r in regions] == [inner == "inductor", False, False]
+    assert [sorted(k for k, _ in r.compiled) for r in regions] == [["bwd", "fwd"] if inner == "inductor" else [], [], []]
 
 
 def test_uneven_last_chunk_and_merged_batch_rows():

@@ -123,6 +123,8 @@ class _Region:
     fwd: dict = field(default_factory=dict)
     bwd: dict = field(default_factory=dict)
     fwdbwd: dict = field(default_factory=dict)
+    compiled: dict = field(default_factory=dict)
+    """(kind, chunk key) -> the chunk graph compiled by Inductor (``plan.fused``), made on first use."""
     scratch_fwd: int = 0
     scratch_bwd: int = 0
     chunk_runs: int = 0
@@ -163,7 +165,8 @@ class _Region:
                 full = torch.empty_strided(shape, stride, dtype=dtype, device=device)
                 # sliced as at run time, so the traced graph copies exactly where a view would fail
                 if isinstance(lay, Tok):
-                    full = lay.rows(full, self.seq, *lay.span(self.seq, *((e - c, e) if e is not None else (0, c))))
+                    s = (e - c, e) if e is not None else (0, c)  # e: the chunk's end, where it matters
+                    full = lay.rows(full, self.seq, *lay.span(self.seq, *s))
                 out.append(full)
             out += [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in extra]
         return mode, out
@@ -270,6 +273,22 @@ class _Region:
         table[key] = g
         return g
 
+    def runner(self, table, key, kind):
+        """The chunk graph to run: as traced, or compiled by Inductor when the plan says so (fused)."""
+        g = self.traced(table, key, kind)
+        if not self.plan.fused:
+            return g
+        got = self.compiled.get((kind, key))
+        if got is None:
+            def first(*args):  # compiled for the real inputs of its first chunk
+                from torch._inductor.compile_fx import compile_fx
+
+                self.compiled[(kind, key)] = fn = compile_fx(g, list(args))
+                return fn(*args)
+
+            return first
+        return got
+
     def _shared_grad_positions(self, kind):
         """Positions among the chunk graph's outputs of the gradients of shared inputs (weights)."""
         first = len(self._tok_names) + sum(a.width for a in self.accs) if kind == "fwdbwd" else 0
@@ -309,7 +328,7 @@ class _Region:
             gfull = [torch.zeros_like(x) for x, need in zip(given, self.needs) if need]
         for s, e in self.ranges():
             xc = self.slice_inputs(xs, s, e)
-            g = self.traced(self.fwdbwd if grad_mode else self.fwd, self.chunk_key(s, e), "fwdbwd" if grad_mode else "fwd")
+            g = self.runner(self.fwdbwd if grad_mode else self.fwd, self.chunk_key(s, e), "fwdbwd" if grad_mode else "fwd")
             res = list(g(*xc, *self._accumulators(gfull)))
             self.chunk_runs += 1
             n_chunk_out = len(self._tok_names) + len(partial)
@@ -383,7 +402,7 @@ class _Region:
                     a = self.accs[j]
                     if a.dtype.is_floating_point and self._acc_diff[name]:
                         gc.append(acc_g[j])
-            got = self.traced(self.bwd, self.chunk_key(s, e), "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
+            got = self.runner(self.bwd, self.chunk_key(s, e), "bwd")(*xc, *[t.contiguous() for t in gc], *self._accumulators(gfull))
             self.chunk_runs += 1
             self._write_token_grads(gfull, got, s, e)
             del got, gc, xc  # before the next chunk runs
@@ -507,7 +526,8 @@ def _run_chunked(n, args, kwargs, seq, c):
         # a chunk of an input is a strided slice: a view the whole tensor allowed may need a copy now
         return aten.reshape.default(args[0], shape)
     if n.meta.get("memfit_attn"):
-        return _chunk_attention(args[0], args[1], args[2], kwargs.get("attn_mask"), kwargs.get("scale"), n.meta["memfit_attn"])
+        q, k, v = args[:3]
+        return _chunk_attention(q, k, v, kwargs.get("attn_mask"), kwargs.get("scale"), n.meta["memfit_attn"])
     if n.meta.get("memfit_reduce") is None:
         return args[0][args[1]] if t is operator.getitem else t(*args, **kwargs)
     # a token reduction: each chunk gives its partial sum
@@ -538,7 +558,7 @@ def _chunk_attention(q, k, v, mask, scale, mode):
         if mask is None:
             allowed = torch.ones(c, e, dtype=torch.bool, device=q.device).tril(e - c)
             mask = torch.zeros(c, e, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        elif mask.shape[-1] != e:
+        elif mask.shape[-1] not in (1, e):
             mask = mask.narrow(-1, 0, e)  # the keys after the chunk: ruled out by the mask itself
     return aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 

@@ -106,6 +106,9 @@ class RegionPlan:
     in the forward, right after it, and the backward only scales the gradients — no recompute."""
     region_bytes: int = 0
     """Bytes of the region's intermediates for the whole sequence (what streaming avoids holding)."""
+    fused: bool = False
+    """Run the chunk graphs compiled by Inductor (with ``inner="inductor"``, for a region whose chunks
+    share one or two graphs: a prefix attention has one per prefix length, each a compile of its own)."""
     attentions: tuple[tuple[str, str], ...] = ()
     """(attention node, ``"prefix"`` | ``"whole"``): the attentions run by query chunks, and which keys
     a chunk reads (see :func:`_attention_mode`)."""
@@ -854,6 +857,9 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
                 k = min(k, MAX_ATTENTION_CHUNKS)
             regions.append(dataclasses.replace(r, chunks=k))
         plan = dataclasses.replace(plan, regions=tuple(regions))
+    if options.inner == "inductor":
+        plan = dataclasses.replace(plan, regions=tuple(
+            dataclasses.replace(r, fused=not any(m == "prefix" for _, m in r.attentions)) for r in plan.regions))
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(
         f"stream: region {r.name} ({len(r.nodes)} ops, {r.region_bytes / 2**20:.2f} MiB of intermediates) in "
         f"{r.chunks} chunks{', gradients computed in the forward' if r.grad_in_forward else ''}{_attention_note(r)}"
