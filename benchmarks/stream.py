@@ -171,6 +171,18 @@ def part_maxlen(budget: int) -> dict:
     longest = next((p for p in reversed(st_probes) if p["seq"] == st), None)
     if longest is not None:
         rows.append({"name": "memfit stream (its longest)", **longest})
+    long_ratio = float("nan")
+    if st:
+        # per-token time at stream's longest length, paired against checkpointing at that same length
+        # (over the budget there: its time only), so attention's quadratic growth is on both sides
+        torch._dynamo.reset()
+        built = [build("checkpoint", st), build("stream", st, budget=budget)]
+        ms = [measure(step, repeat=1) for step, _ in built]
+        times = paired_times([step for step, _ in built], rounds=3)
+        for name, method, (step, be), m, t in zip(("checkpoint every block (over the budget)", "memfit stream (its longest)"),
+                                                 ("checkpoint", "stream"), built, ms, times):
+            rows.append({"name": f"{name}, paired", **_row(method, st, m, be), "time_s": t})
+        long_ratio = times[1] / times[0]
     print(f"\n  {'method':<34} {'tokens':>7} {'peak':>11} {'time':>10} {'ms/token':>9}")
     for r in rows:
         print(f"  {r['name']:<34} {r['seq']:>7} {format_bytes(r['peak']):>11} {r['time_s'] * 1e3:8.0f}ms "
@@ -179,9 +191,11 @@ def part_maxlen(budget: int) -> dict:
     per_token = (same["time_s"] / ck_run["time_s"]) if ck else float("nan")
     per_token_forced = (forced["time_s"] / ck_run["time_s"]) if ck else float("nan")
     print(f"  length ratio {ratio:.1f}x (target >= 5); per-token time at {ck} tokens, paired: stream/checkpoint "
-          f"{per_token:.3f}, with every attention chunked {per_token_forced:.3f} (target <= 1.2)")
+          f"{per_token:.3f}, with every attention chunked {per_token_forced:.3f}; at {st} tokens {long_ratio:.3f} "
+          "(target <= 1.2)")
     return {"budget": budget, "checkpoint_max": ck, "stream_max": st, "length_ratio": ratio,
             "per_token_time_ratio": per_token, "per_token_time_ratio_attention_chunked": per_token_forced,
+            "per_token_time_ratio_at_stream_max": long_ratio,
             "rows": rows, "probes": ck_probes + st_probes}
 
 
