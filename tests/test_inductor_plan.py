@@ -72,9 +72,41 @@ def test_budget_is_checked_on_the_compiled_plan():
     step = training_step(compiled, args)
     meas = measure(step, repeat=1)
     (rec,) = be.records
-    assert rec.plan is not None and rec.compiled is not None
+    # a checkpoint plan here; under some CPU calibrations auto finds none whose compile fits and streams
+    # the token-wise regions instead (exact too): either way the kept compile is checked on Inductor's plan
+    assert rec.compiled is not None and (rec.plan is not None or rec.partition.startswith("stream"))
     assert rec.compiled.peak_bytes <= budget
     assert any(n.startswith("inductor: the compiled graphs' buffer plans replay") for n in rec.notes)
+    assert meas.peak_bytes <= 1.02 * budget + 0.125 * MiB, (meas.peak_bytes / MiB, budget / MiB)
+    model.zero_grad(set_to_none=True)
+    loss = compiled(*args)
+    loss.backward()
+    ref_loss, ref_grads = _eager_grads(args)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_replanning_reaches_the_smallest_peak_plan(monkeypatch):
+    """Under the CPU profile of a CI machine (60 GFLOP/s, 20 GB/s, 10 us a launch), checkpointing alone at
+    0.8x the unplanned peak: the first plan compiles to 11.47 MiB and the tighter re-plan to 11.60 (over
+    the 11.02 MiB budget both: Inductor's peak does not fall with the planned one), so re-planning is out
+    of tries; the planner's smallest-peak plan is then compiled, fits, and is kept. (Before, the loop
+    ended first and the graph was refused; CI's auto compile then streamed it.) Loss and every gradient
+    equal eager's; the allocator's peak is within the budget (+2% and the attention backward's scratch)."""
+    from memfit.planner import cost
+
+    prof = cost._cpu_profile(60e9, 20e9, 10e-6, {"fewbit_pack": 120.0, "fewbit_grad": 120.0})
+    monkeypatch.setattr(cost, "calibrate_cpu", lambda: prof)
+    model, args = _gpt()
+    budget = int(0.8 * 13.78 * MiB)
+    be = memfit.backend(budget=budget, passes=["checkpoint"])
+    compiled = torch.compile(model, backend=be)
+    meas = measure(training_step(compiled, args), repeat=1)
+    (rec,) = be.records
+    assert rec.plan is not None and rec.compiled.peak_bytes <= budget
+    (tries,) = [n for n in rec.notes if n.startswith("inductor: replayed compiled peaks per try")]
+    assert tries.count("MiB") - 1 >= 3, tries  # the first plan, at least one re-plan, the smallest-peak plan
     assert meas.peak_bytes <= 1.02 * budget + 0.125 * MiB, (meas.peak_bytes / MiB, budget / MiB)
     model.zero_grad(set_to_none=True)
     loss = compiled(*args)
