@@ -385,6 +385,28 @@ def test_budget_raises_the_chunk_count_until_the_prediction_fits():
     assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)
 
 
+def test_budget_met_with_fewer_chunks_takes_the_fewest():
+    """Under a budget the default count (128 tokens a chunk) beats by a margin, the planner halves the
+    counts while the prediction fits (wider chunks, wider matmuls, fewer launches: measured faster, see
+    ``MemfitBackend._fewer_chunks``): here the LM head alone in 4 chunks instead of 8. The step matches
+    the unstreamed one, the prediction is within the budget and the allocator's peak follows it."""
+    model, idx, tgt = _gpt(batch=1, seq=1024, block_size=1024, vocab_size=8192, n_embd=64)
+    budget = 40 * 2**20  # the plain step peaks at 104.58 MiB; the LM head in 8 chunks at 20.58, in 4 at 32.96
+    be = memfit.backend(passes=["stream"], inner="eager", budget=budget)
+    ref_model = copy.deepcopy(model)
+    ref = _grads(ref_model, lambda: ref_model(idx, tgt))
+    compiled = torch.compile(model, backend=be)
+    _assert_close(_grads(model, lambda: compiled(idx, tgt)), ref)
+    (region,) = _regions(be)
+    assert region.plan.chunks == 4 and region.chunk_runs >= 4
+    notes = be.records[-1].notes
+    assert any(n.startswith("stream: fewer chunks fit the budget too (s2 8 -> 4") for n in notes), notes
+    pred = be.records[-1].analysis.memory.peak_bytes
+    assert pred <= budget
+    m = measure(training_step(compiled, (idx, tgt)), repeat=1)
+    assert abs(m.peak_bytes - pred) <= 0.02 * pred, (m.peak_bytes, pred)
+
+
 def test_stream_and_checkpoint_at_the_smallest_budget():
     """``passes=["stream", "checkpoint"]`` at a budget only attention by query chunks reaches: the chunk
     search's probes of the streamed graph trace again without failing (a ``view`` of the transposed

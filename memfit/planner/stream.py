@@ -814,7 +814,7 @@ MIN_CHUNK_TOKENS = 128
 MAX_ATTENTION_CHUNKS = 64
 
 
-def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: int = 1,
+def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: set, multiplier: float = 1,
                 largest: int | None = None, attention: bool = False) -> tuple[StreamPlan, _Info]:
     """The stream plan for one graph: its regions and each one's chunk count.
 
@@ -824,7 +824,7 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     gradients dominate the peak, and thinner chunks make thin matmuls. Measured on a 2-layer GPT,
     32k vocabulary, 4096 tokens, Inductor (plain step 590 MiB, 1.30 s): 32 chunks of 128 tokens
     114 MiB, 1.46 s; 64 chunks 89 MiB, 1.81 s; 256 chunks 71 MiB, 3.20 s. ``multiplier`` scales the
-    counts, and ``largest`` keeps only that many regions, those with the most intermediates (the
+    counts (below 1, for a budget met with fewer chunks: at least 2 each), and ``largest`` keeps only that many regions, those with the most intermediates (the
     backend searches both against the budget: a region left alone keeps Inductor's fused kernels).
     """
     from memfit.passes import CantApply
@@ -852,7 +852,7 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
             k = 1
             while r.region_bytes / k > hidden and seq // (2 * k) >= MIN_CHUNK_TOKENS:
                 k *= 2
-            k = min(k * multiplier, max(seq // 16, 1))
+            k = min(k * multiplier, max(seq // 16, 1)) if multiplier >= 1 else max(min(k, 2), int(k * multiplier))
             if any(isinstance(lay, Tok) and lay.shared_rows for lay in r.input_layouts):
                 k = min(k, MAX_ATTENTION_CHUNKS)
             regions.append(dataclasses.replace(r, chunks=k))
