@@ -250,8 +250,9 @@ class MemfitBackend:
         """``passes="auto"``: compile without streaming; if no exact plan fits the budget that way (the
         graph is over it, or only a few-bit plan fits), stream its token-wise regions and plan again.
 
-        Why last resort: streaming runs each region as chunked eager ATen graphs that Inductor cannot fuse
-        across chunks (1.1x the step of a 2-layer GPT with a 32k vocabulary, ``benchmarks/stream.py``),
+        Why last resort: streaming runs each region chunk by chunk, graphs that Inductor cannot fuse across
+        chunks (1.09x the step of a 2-layer GPT with a 32k vocabulary with the LM head streamed, 1.23x with
+        every region, ``benchmarks/stream.py``; 2.3-2.6x for a 4-layer GPT at its lowest budgets),
         but it is the only exact technique that removes the LM head's ``[tokens, vocab]`` logits, which
         are the floor of every checkpoint plan (``benchmarks/acceptance.py``: a nanoGPT GPT at 0.6x and
         0.45x of its plain peak fits only streamed). The compile with streaming is kept if it fits

@@ -37,6 +37,17 @@ def _eager_grads(args):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+def _assert_matches_eager(model, compiled, args):
+    """One more compiled step: its loss and every gradient equal eager's on a fresh copy of the model."""
+    model.zero_grad(set_to_none=True)
+    loss = compiled(*args)
+    loss.backward()
+    ref_loss, ref_grads = _eager_grads(args)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_replayed_plan_matches_the_allocator():
     """No budget: the replayed step peak equals the measured one within 2% (13.78 MiB both here); the
     backward writes the cross-entropy gradient over the saved exp of the logits (a donated input),
@@ -78,13 +89,7 @@ def test_budget_is_checked_on_the_compiled_plan():
     assert rec.compiled.peak_bytes <= budget
     assert any(n.startswith("inductor: the compiled graphs' buffer plans replay") for n in rec.notes)
     assert meas.peak_bytes <= 1.02 * budget + 0.125 * MiB, (meas.peak_bytes / MiB, budget / MiB)
-    model.zero_grad(set_to_none=True)
-    loss = compiled(*args)
-    loss.backward()
-    ref_loss, ref_grads = _eager_grads(args)
-    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_matches_eager(model, compiled, args)
 
 
 def test_replanning_reaches_the_smallest_peak_plan(monkeypatch):
@@ -108,13 +113,7 @@ def test_replanning_reaches_the_smallest_peak_plan(monkeypatch):
     (tries,) = [n for n in rec.notes if n.startswith("inductor: replayed compiled peaks per try")]
     assert tries.count("MiB") - 1 >= 3, tries  # the first plan, at least one re-plan, the smallest-peak plan
     assert meas.peak_bytes <= 1.02 * budget + 0.125 * MiB, (meas.peak_bytes / MiB, budget / MiB)
-    model.zero_grad(set_to_none=True)
-    loss = compiled(*args)
-    loss.backward()
-    ref_loss, ref_grads = _eager_grads(args)
-    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_matches_eager(model, compiled, args)
 
 
 def test_over_budget_compile_is_replanned_then_refused(monkeypatch):
