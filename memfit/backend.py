@@ -392,8 +392,7 @@ class MemfitBackend:
         for frac in (0.5, 0.25, 0.125):
             self._pending_notes[:] = base_notes  # the plan's own notes come with it
             t2, p2 = self._stream_once(gm, example_inputs, frac, largest, attention=attention)
-            new_counts = [r.chunks for r in p2.regions] if p2 is not None else counts
-            if t2 is gm or new_counts == counts:
+            if t2 is gm or [r.chunks for r in p2.regions] == counts:
                 break
             peak = self._predicted_peak(t2, example_inputs)
             if peak is None or peak > limit:
@@ -402,7 +401,7 @@ class MemfitBackend:
                 "stream: fewer chunks fit the budget too ("
                 + ", ".join(f"{r.name} {k} -> {r.chunks}" for r, k in zip(p2.regions, counts))
                 + f"; predicted {format_bytes(peak)}): fewer, wider chunks run faster"]
-            traced, plan, counts = t2, p2, new_counts
+            traced, plan, counts = t2, p2, [r.chunks for r in p2.regions]
         self._pending_notes[:] = kept_notes
         return traced, plan
 

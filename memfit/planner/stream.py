@@ -824,8 +824,9 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     gradients dominate the peak, and thinner chunks make thin matmuls. Measured on a 2-layer GPT,
     32k vocabulary, 4096 tokens, Inductor (plain step 590 MiB, 1.30 s): 32 chunks of 128 tokens
     114 MiB, 1.46 s; 64 chunks 89 MiB, 1.81 s; 256 chunks 71 MiB, 3.20 s. ``multiplier`` scales the
-    counts (below 1, for a budget met with fewer chunks: at least 2 each), and ``largest`` keeps only that many regions, those with the most intermediates (the
-    backend searches both against the budget: a region left alone keeps Inductor's fused kernels).
+    counts (below 1, for a budget met with fewer chunks: at least 2 each), and ``largest`` keeps only
+    that many regions, those with the most intermediates (the backend searches both against the budget:
+    a region left alone keeps Inductor's fused kernels).
     """
     from memfit.passes import CantApply
 
