@@ -110,8 +110,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     import memfit
-    from memfit.backend import BudgetError
-    from memfit.measure import measure, training_step
+    from memfit import BudgetError
+    from memfit.measurement import measure, training_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.get("threads"):

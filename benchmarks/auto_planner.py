@@ -33,9 +33,10 @@ import gpt  # noqa: E402
 import hf_llama  # noqa: E402
 
 import memfit  # noqa: E402
-from memfit.backend import INDUCTOR_PLAN_MARGIN, BudgetError  # noqa: E402
+from memfit import BudgetError  # noqa: E402
+from memfit.planner.choice import INDUCTOR_PLAN_MARGIN  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import measure, paired_times, training_step  # noqa: E402
+from memfit.measurement import measure, paired_times, training_step  # noqa: E402
 from memfit.trace import trace_step  # noqa: E402
 
 MODELS = {

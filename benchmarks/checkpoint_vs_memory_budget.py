@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import gpt  # noqa: E402
 
 import memfit  # noqa: E402
-from memfit.backend import BudgetError  # noqa: E402
+from memfit import BudgetError  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import measure, paired_times, training_step  # noqa: E402
+from memfit.measurement import measure, paired_times, training_step  # noqa: E402
 
 
 def main() -> None:

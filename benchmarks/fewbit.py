@@ -34,7 +34,7 @@ import memfit  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
 from memfit.kernels import fewbit as K  # noqa: E402
 from memfit.kernels import fewbit_tables as T  # noqa: E402
-from memfit.measure import measure, training_step  # noqa: E402
+from memfit.measurement import measure, training_step  # noqa: E402
 
 MiB = 2**20
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 import memfit  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import measure, training_step  # noqa: E402
+from memfit.measurement import measure, training_step  # noqa: E402
 
 
 def models(size: str):

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import memfit  # noqa: E402
 from memfit.config import format_bytes  # noqa: E402
-from memfit.measure import retained_bytes  # noqa: E402
+from memfit.measurement import retained_bytes  # noqa: E402
 
 MiB = 2**20
 

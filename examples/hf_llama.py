@@ -67,7 +67,7 @@ def llama3_8b():
 
 if __name__ == "__main__":
     import memfit
-    from memfit.measure import to_loss
+    from memfit.measurement import to_loss
 
     model, inputs = factory()
     compiled = torch.compile(model, backend=memfit.backend(inner="eager"))

@@ -8,7 +8,7 @@ defaults to 60% of the step peak memfit predicts for the unplanned graphs (``mem
 tensors, no memory allocated), so memfit has to carry out a checkpoint plan (save some forward values,
 recompute the rest in the backward). The script prints the plan, the loss of both runs, the largest
 difference between the curves, the allocator peak of one training step of each run
-(``memfit.measure``: bytes above what was resident, gradients included) and the wall times; it writes a
+(``memfit.measure()``: bytes above what was resident, gradients included) and the wall times; it writes a
 PNG of both curves (and their difference) and, with ``--json``, the curves as JSON.
 
 Run it from the repository root::
@@ -76,9 +76,10 @@ if _HERE not in sys.path:
 import memfit  # noqa: E402
 
 from gpt import GPT, GPTConfig  # noqa: E402
-from memfit.backend import INDUCTOR_PLAN_MARGIN, BudgetError  # noqa: E402
+from memfit import BudgetError  # noqa: E402
+from memfit.planner.choice import INDUCTOR_PLAN_MARGIN  # noqa: E402
 from memfit.config import format_bytes, parse_bytes  # noqa: E402
-from memfit.measure import measure, training_step  # noqa: E402
+from memfit.measurement import measure, training_step  # noqa: E402
 
 #: Per-step relative tolerance between the two loss curves, by inner compiler: (over the first
 #: EARLY_STEPS steps, over every step). Measured drift and what a bug does: see the module docstring.

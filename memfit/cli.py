@@ -16,7 +16,7 @@ verdict is that the step does not fit).
 
 from __future__ import annotations
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 
 import argparse
 import json
@@ -190,9 +190,9 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from memfit.backend import MemfitBackend
+    from memfit import MemfitBackend
     from memfit.config import make_options
-    from memfit.measure import measure, training_step
+    from memfit.measurement import measure, training_step
     from memfit.planner import report as rp
     from memfit.trace import TargetError, build_step, load_factory
 
@@ -258,7 +258,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from memfit.backend import BudgetError
+    from memfit import BudgetError
     from memfit.trace import TargetError
 
     try:

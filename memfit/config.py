@@ -1,81 +1,20 @@
-"""Options for the memfit backend, and byte-size parsing.
+"""Options for the memfit backend.
 
 Options are a frozen dataclass so that a set of options is hashable (it becomes part of a compile
 cache key) and cannot drift between the graphs of one model. Every constructor path —
 ``torch.compile(..., backend="memfit", options={...})``, ``memfit.backend(**kwargs)`` and the CLI —
 goes through :func:`make_options`, so a bad value gets the same message everywhere: it names the bad
-value and lists what is accepted.
+value and lists what is accepted. Byte sizes are parsed by :mod:`memfit.units`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
-#: Binary and decimal units accepted by :func:`parse_bytes`.
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+from memfit.units import format_bytes, parse_bytes  # noqa: F401  (re-exported: memfit.config.format_bytes)
 
 INNER_COMPILERS = ("inductor", "eager")
-
-
-def parse_bytes(value: Any, *, what: str = "budget") -> int | None:
-    """Turn ``6GiB``, ``"512 MB"``, ``1.5e9`` or ``None`` into a byte count (or ``None``).
-
-    Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB, MB, GB, TB) powers of
-    1000, as `torch.cuda.memory_summary` and `nvidia-smi` disagree on this and users copy from both.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{what}={value!r} is not a size; give bytes as an int or a string such as '6GiB'")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{what}={value!r} must be a positive number of bytes (or None for no limit)")
-        return value
-    if isinstance(value, float):
-        if not value > 0 or value != value or value == float("inf"):
-            raise ValueError(f"{what}={value!r} must be a positive, finite number of bytes (or None for no limit)")
-        return int(value)
-    if isinstance(value, str):
-        m = _BYTES_RE.match(value)
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS:
-            accepted = ", ".join(u for u in ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"))
-            raise ValueError(
-                f"{what}={value!r} is not a size; write a number and a unit ({accepted}), e.g. '6GiB' or '512MB'"
-            )
-        n = float(m.group(1)) * _UNITS[unit]
-        if n <= 0:
-            raise ValueError(f"{what}={value!r} must be positive (or None for no limit)")
-        return int(n)
-    raise ValueError(f"{what}={value!r} has type {type(value).__name__}; give an int of bytes or a string such as '6GiB'")
-
-
-def format_bytes(n: float | int | None) -> str:
-    """Human-readable binary size: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
-    if n is None:
-        return "no limit"
-    sign = "-" if n < 0 else ""
-    n = abs(float(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +25,7 @@ class Options:
     """Peak bytes the training step may use above what is resident before it; ``None``: no limit."""
 
     passes: tuple[str, ...] | str = "auto"
-    """Pass names to run (see ``memfit.passes.PASSES``), or ``"auto"``: let the planner choose."""
+    """Pass names to run (see ``memfit.techniques``), or ``"auto"``: let the planner choose."""
 
     device: str | None = None
     """Device profile for the cost model (``"h100"``, ``"a100"``, ``"cpu"``); ``None``: the device of
@@ -100,7 +39,8 @@ class Options:
 
     fewbit_bits: int = 2
     """Bits per element of the few-bit activation codes (1..4), when ``"fewbit"`` is among the
-    passes. The few-bit pass is approximate, so it runs only when named; ``"auto"`` never picks it."""
+    passes. The few-bit pass is approximate: ``"auto"`` weighs it only with ``allow_approximation=True``
+    (alone at 4, 3, 2, 1 bits, and at this width with a checkpoint plan)."""
 
     fewbit_calibration: Any = None
     """A ``memfit.calibrate_fewbit(...)`` result: weight the few-bit tables by the measured inputs of
@@ -134,7 +74,7 @@ OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
 def _normalise_passes(passes: Any) -> tuple[str, ...] | str:
-    from memfit.passes import PASSES
+    from memfit.techniques import PASSES
 
     if passes is None:
         return ()

@@ -27,16 +27,11 @@ def stage_options(options: dict[str, Any] | None = None, **kwargs: Any):
     """The backend options for a pipeline stage: the user's, with ``split_backward`` added to the passes
     (``"auto"`` becomes every exact pass plus ``split_backward``)."""
     from memfit.config import make_options
-    from memfit.passes import APPROXIMATE, OPT_IN, PASSES
+    from memfit.techniques import stage_passes
 
     merged = dict(options or {})
     merged.update(kwargs)
-    passes = merged.get("passes", "auto")
-    if passes == "auto":
-        passes = [p for p in PASSES if p not in APPROXIMATE and p not in OPT_IN]
-    elif isinstance(passes, str):
-        passes = [p for p in passes.split(",") if p.strip()]
-    passes = list(passes or ())
+    passes = stage_passes(merged.get("passes", "auto"))
     if "split_backward" not in passes:
         passes.append("split_backward")
     merged["passes"] = passes
@@ -63,7 +58,7 @@ def pipeline_stage(
     from torch.distributed.pipelining import PipelineStage
     from torch._dynamo.eval_frame import OptimizedModule
 
-    from memfit.backend import MemfitBackend
+    from memfit import MemfitBackend
 
     if isinstance(module, OptimizedModule):
         raise ValueError(

@@ -27,7 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
 from memfit.config import make_options
-from memfit.measure import to_loss
+from memfit.errors import is_note
+from memfit.measurement import to_loss
 from memfit.planner.analysis import StepAnalysis
 
 
@@ -142,7 +143,7 @@ def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], Non
     graph for the report's budget-vs-time curve; ``strict=False``: a graph no plan fits keeps its
     smallest-peak plan and the reason (``backend.infeasible``) instead of raising ``BudgetError``.
     """
-    from memfit.backend import BudgetError, MemfitBackend
+    from memfit import BudgetError, MemfitBackend
 
     opts = make_options(options)
     factory = load_factory(target) if isinstance(target, str) else target
@@ -192,11 +193,19 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     analysis.plans = [r.plan for r in be.records if r.plan is not None]
     analysis.fewbit_plans = [r.fewbit for r in be.records if r.fewbit is not None]
     for r in be.records:
-        analysis.notes.extend(n for n in r.notes if n.startswith(("checkpoint", "fewbit: not applied", "fewbit: no ", "split backward", "split_backward", "auto:", "fits unchanged")))
-        analysis.notes.extend(n for n in r.notes if " left exact: " in n)
+        analysis.notes.extend(n for n in r.notes if _analysis_note(n))
+        analysis.notes.extend(n for n in r.notes if is_note(n, "left_exact"))
     for b in analysis.memory.buffers:
         b.module = _unwrap(b.module)
     return analysis
+
+
+def _analysis_note(note: str) -> bool:
+    """The notes ``memfit analyze`` prints: every checkpoint, split-backward and auto decision, what fits
+    unchanged, and why few-bit did not apply (sites it left exact follow, after the rest)."""
+    return (getattr(note, "technique", None) in ("checkpoint", "split_backward", "auto")
+            or is_note(note, "not_needed")
+            or (getattr(note, "technique", None) == "fewbit" and getattr(note, "code", None) in ("not_applied", "nothing_to_do")))
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from memfit.measure import to_loss
+from memfit.measurement import to_loss
 
 
 def build(name: str):

@@ -14,9 +14,9 @@ import torch
 
 import memfit
 from helpers import build, loss_and_grads
-from memfit.backend import BudgetError
+from memfit import BudgetError
 from memfit.config import make_options
-from memfit.measure import measure, training_step
+from memfit.measurement import measure, training_step
 from memfit.planner.budget import OPTIMIZER_STATES, step_budget
 
 

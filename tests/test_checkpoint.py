@@ -8,8 +8,8 @@ from torch.utils.checkpoint import checkpoint
 
 import memfit
 from helpers import build, loss_and_grads
-from memfit.backend import BudgetError
-from memfit.measure import measure, training_step
+from memfit import BudgetError
+from memfit.measurement import measure, training_step
 
 
 def _gpt8():

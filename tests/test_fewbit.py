@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import memfit
 from memfit.kernels import fewbit as K
 from memfit.kernels import fewbit_tables as T
-from memfit.measure import measure, training_step
+from memfit.measurement import measure, training_step
 from memfit.planner.fewbit import Calibration
 
 # -- tables ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memfit.measure import measure, to_loss
+from memfit.measurement import measure, to_loss
 
 
 def test_cpu_peak_counts_exact_allocations():
@@ -45,7 +45,7 @@ def test_paired_times_alternate_the_steps():
     timing), and the result is one median per step; bad counts are refused."""
     import time as _time
 
-    from memfit.measure import paired_times
+    from memfit.measurement import paired_times
 
     log = []
 

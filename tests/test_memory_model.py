@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memfit
-from memfit.measure import measure, training_step
+from memfit.measurement import measure, training_step
 from memfit.planner.memory import GRAD, OUTPUT, SAVED, TANGENT
 
 

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 
 import memfit
 from memfit import runtime
-from memfit.backend import BudgetError
+from memfit import BudgetError
 from memfit.passes import stream as stream_pass  # (also registers torch.ops.memfit.stream)
 
 #: fp32 rounding. Measured (worst |error| / (ATOL + RTOL |eager|)) over 45 drawn models, 30 float and
@@ -527,7 +527,7 @@ def test_token_models_every_exact_combination_matches_eager(spec, frac, chunks, 
 def test_inductor_checkpoint_and_split_backward_match_eager():
     """One small example under Inductor (its compile is too slow for many): a checkpoint plan and a split
     backward in the same graph, at the smallest budget Inductor's plan margin allows."""
-    from memfit.backend import INDUCTOR_PLAN_MARGIN
+    from memfit.planner.choice import INDUCTOR_PLAN_MARGIN
 
     spec = ModelSpec(
         blocks=(BlockSpec("attn", causal=True, heads=2, norm="layer"), BlockSpec("mlp", act="gelu", hidden=4, norm="rms")),

@@ -92,7 +92,7 @@ def test_cli_plan_bad_input():
 def test_backend_report_html_with_measured_run(tmp_path):
     model, args, kwargs = build("gpt")
     path = tmp_path / "run.html"
-    from memfit.measure import measure, training_step
+    from memfit.measurement import measure, training_step
 
     be = memfit.backend(budget="1.5MiB", inner="eager", report=str(path))
     m = measure(training_step(torch.compile(model, backend=be), args, kwargs), repeat=1)
@@ -110,7 +110,7 @@ def test_backend_report_under_inductor_states_the_compiled_peak(tmp_path):
     Inductor's buffer plans (what will run), and the plot draws it beside the planner's model: on the small
     GPT at 0.8x its peak they can differ by 13% (modelled 1.07 MiB, replayed 1.21, measured 1.24 in one run),
     and the replay is within 2% of the allocator's peak (and the attention backward's scratch)."""
-    from memfit.measure import measure, training_step
+    from memfit.measurement import measure, training_step
 
     model, args, kwargs = build("gpt")
     plain = memfit.backend()

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memfit
-from memfit.measure import to_loss
+from memfit.measurement import to_loss
 
 RTOL, ATOL = 1.3e-6, 1e-5
 

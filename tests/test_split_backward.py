@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import memfit
 from memfit import runtime
-from memfit.measure import retained_bytes, to_loss
+from memfit.measurement import retained_bytes, to_loss
 from tests.helpers import build
 
 
@@ -338,3 +338,121 @@ def test_cli_analyze_shows_the_split():
     )
     assert out.returncode == 0, out.stderr
     assert "split backward:" in out.stdout and "deferred to W" in out.stdout and "held between B and W" in out.stdout
+
+
+# -- planner decides, pass carries out -------------------------------------------------------------
+
+def _partitioned(name, *, frozen=False):
+    """A fresh (fw, bw, num_fwd_outputs, primals, params) of one of the small models above, partitioned
+    by AOTAutograd's default partitioner (deterministic: two calls give graphs with the same names).
+    ``frozen``: no parameter requires grad."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import _is_primal, default_partition
+
+    model, args, _ = _model(name)
+    if frozen:
+        model.requires_grad_(False)
+
+    class Tuple(nn.Module):  # aot_module_simplified wants a tuple out
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return (self.m(x),)
+
+    got = {}
+
+    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
+        fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+        got.update(fw=fw, bw=bw, num_fwd_outputs=num_fwd_outputs,
+                   primals=[n.name for n in joint.graph.nodes if _is_primal(n)])
+        return fw, bw
+
+    gm = torch.fx.symbolic_trace(Tuple(model))
+    aot_module_simplified(gm, list(args), fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g, partition_fn=partition)
+    n_params = len(list(gm.parameters()))  # lifted first, in order, then buffers, then the inputs
+    params = [i < n_params for i in range(len(got["primals"]))]
+    return got["fw"], got["bw"], got["num_fwd_outputs"], got["primals"], params
+
+
+def _state(gm):
+    """What a planner must not change: the graph, each node's metadata, the names the graph has used."""
+    return (
+        str(gm.graph),
+        [(n.name, {k: id(v) for k, v in n.meta.items()}) for n in gm.graph.nodes],
+        sorted(gm.graph._graph_namespace._used_names),
+        dict(gm.graph._graph_namespace._base_count),
+    )
+
+
+def _erase_a_conv_backward(bw):
+    """Leave used names in ``bw``'s namespace that no node holds (as an earlier pass's erased nodes
+    do): a copy of the graph that forgot them would name the split's new nodes differently."""
+    for _ in range(2):
+        with bw.graph.inserting_before(None):
+            n = bw.graph.create_node("call_function", torch.ops.aten.convolution_backward.default)
+        bw.graph.erase_node(n)
+
+
+@pytest.mark.parametrize("name,erased", [("layernorm", False), ("conv", False), ("conv", True), ("mlp", False)])
+def test_plan_split_changes_nothing_and_carry_out_matches_the_old_sequence(name, erased):
+    from memfit.passes import split_backward as split_pass
+    from memfit.planner import split_backward as split_planner
+
+    old_fw, old_bw, nfo, primals, params = _partitioned(name)
+    fw, bw, _, _, _ = _partitioned(name)
+    if erased:
+        _erase_a_conv_backward(old_bw)
+        _erase_a_conv_backward(bw)
+    assert str(old_fw.graph) == str(fw.graph) and str(old_bw.graph) == str(bw.graph)
+    holders = split_pass.ensure_params(old_fw, old_bw, num_fwd_outputs=nfo, primals=primals, params=params)
+    resident = {p for p, is_param in zip(primals, params) if is_param}
+    old_plan = split_planner.plan(old_bw, set(holders), holders, resident=resident)
+    old_b, old_w = split_pass.apply(old_bw, old_plan)
+
+    before = (_state(fw), _state(bw))
+    plan = split_planner.plan_split(fw, bw, num_fwd_outputs=nfo, primals=primals, params=params)
+    assert (_state(fw), _state(bw)) == before
+    b, w = split_pass.carry_out(fw, bw, plan, num_fwd_outputs=nfo, primals=primals, params=params)
+
+    assert plan == old_plan and plan.describe() == old_plan.describe() and plan.to_json() == old_plan.to_json()
+    for new, old in ((fw, old_fw), (bw, old_bw), (b, old_b), (w, old_w)):
+        assert str(new.graph) == str(old.graph)
+        assert new.code == old.code
+    if name == "conv":
+        assert plan.split_ops and plan.kept_whole  # both ways of settling a mixed op were exercised
+
+
+def test_refused_split_leaves_the_graphs_unchanged():
+    """No parameter requires grad: NothingToSplit, and neither graph changed."""
+    from memfit.planner import split_backward as split_planner
+
+    fw, bw, nfo, primals, params = _partitioned("layernorm", frozen=True)
+    before = (_state(fw), _state(bw))
+    with pytest.raises(split_planner.NothingToSplit, match="no parameter gradient"):
+        split_planner.plan_split(fw, bw, num_fwd_outputs=nfo, primals=primals, params=params)
+    assert (_state(fw), _state(bw)) == before
+
+
+def test_cant_apply_after_adding_a_parameter_input_leaves_the_graphs_unchanged():
+    """A parameter the backward lacks comes first (adding it to both graphs is the first thing the
+    split does), then one that is not an input of the forward: CantApply, with neither graph changed."""
+    from memfit.errors import CantApply
+    from memfit.planner import split_backward as split_planner
+
+    fw, bw, nfo, primals, params = _partitioned("conv")
+    bw_inputs = {n.name for n in bw.graph.nodes if n.op == "placeholder"}
+    missing = [i for i, (p, is_param) in enumerate(zip(primals, params)) if is_param and p not in bw_inputs]
+    assert len(missing) >= 2  # the conv bias primals_2 is not needed by the backward, nor the others' biases
+    primals = list(primals)
+    primals[missing[1]] = "not_an_input"
+    before = (_state(fw), _state(bw))
+    with pytest.raises(CantApply, match="not_an_input is not an input of the forward graph"):
+        split_planner.plan_split(fw, bw, num_fwd_outputs=nfo, primals=primals, params=params)
+    assert (_state(fw), _state(bw)) == before
+    with pytest.raises(CantApply, match="parameters is unknown"):
+        split_planner.plan_split(fw, bw, num_fwd_outputs=nfo, primals=primals, params=None)
+    with pytest.raises(CantApply, match="values for"):
+        split_planner.plan_split(fw, bw, num_fwd_outputs=nfo, primals=primals[:-1], params=params[:-1])
+    assert (_state(fw), _state(bw)) == before

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import memfit
-from memfit.backend import BudgetError
-from memfit.measure import measure, training_step
+from memfit import BudgetError
+from memfit.measurement import measure, training_step
 from memfit.passes import stream as sp
 from memfit.planner.stream import Tok, analyse, seq_len_of
 
@@ -347,7 +347,7 @@ def test_options_and_attention_default():
     attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     assert len(_ops(be.records[0].pair.forward, attn)) == 2
     assert any("not needed for the budget" in n for n in be.records[0].notes)
-    assert "stream" not in memfit.backend(passes="auto")._passes  # opt-in for now
+    assert "stream" not in memfit.backend(passes="auto").passes  # opt-in for now
 
 
 def test_peak_drops_by_the_logits_and_is_predicted():
@@ -388,7 +388,7 @@ def test_budget_raises_the_chunk_count_until_the_prediction_fits():
 def test_budget_met_with_fewer_chunks_takes_the_fewest():
     """Under a budget the default count (128 tokens a chunk) beats by a margin, the planner halves the
     counts while the prediction fits (wider chunks, wider matmuls, fewer launches: measured faster, see
-    ``MemfitBackend._fewer_chunks``): here the LM head alone in 4 chunks instead of 8. The step matches
+    ``memfit.compiler.search.fewer_chunks``): here the LM head alone in 4 chunks instead of 8. The step matches
     the unstreamed one, the prediction is within the budget and the allocator's peak follows it."""
     model, idx, tgt = _gpt(batch=1, seq=1024, block_size=1024, vocab_size=8192, n_embd=64)
     budget = 40 * 2**20  # the plain step peaks at 104.58 MiB; the LM head in 8 chunks at 20.58, in 4 at 32.96

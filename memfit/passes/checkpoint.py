@@ -1,6 +1,6 @@
 """Checkpoint pass: partition a joint graph so that exactly the plan's values are saved.
 
-A :class:`~memfit.planner.plan.CheckpointPlan` names the forward values to save. Every other
+A :class:`~memfit.planner.checkpoint.CheckpointPlan` names the forward values to save. Every other
 forward value the backward needs is recomputed in the backward from saved values and inputs; the
 backward is then reordered (PyTorch's ``reordering_to_mimic_autograd_engine``) so each recomputed
 value is made just before its first use rather than all at the start of the backward, which is
@@ -8,7 +8,7 @@ what keeps recomputation from raising the peak (pytorch/pytorch#197838 is the co
 so inside a knapsack that never sees it).
 
 Legality is checked here, not assumed: random ops (dropout) must be saved, never replayed, so a
-plan that would recompute one raises :class:`~memfit.passes.CantApply`, as does a plan for a graph
+plan that would recompute one raises :class:`~memfit.errors.CantApply`, as does a plan for a graph
 with symbolic shapes (not planned yet).
 """
 
@@ -19,7 +19,7 @@ import torch.fx
 from torch._functorch import partitioners as P
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
-from memfit.passes import CantApply
+from memfit.errors import CantApply
 from memfit.planner.cost import is_random
 
 

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from memfit.kernels import fewbit as kernels  # noqa: F401  (registers the memfit:: ops)
 from memfit.kernels import fewbit_tables as tables
-from memfit.passes import CantApply
+from memfit.errors import CantApply
 from memfit.planner.fewbit import RULES, Calibration, FewbitPlan, backward_nodes
 
 aten = torch.ops.aten

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.config import format_bytes
-from memfit.planner.cost import DeviceProfile, get_profile, node_flops, node_time, node_vals
+from memfit.units import format_bytes
+from memfit.planner.cost import DeviceProfile, get_profile, node_flops, node_time, node_vals, resolve_op_models
 from memfit.planner.memory import GraphPair, MemoryModel, simulate
 
 
@@ -139,12 +139,16 @@ def analyze_pairs(
     param_bytes: int | None = None,
     fused: bool = False,
     buffer_plans: dict | None = None,
+    op_models=None,
 ) -> StepAnalysis:
     """Memory model, FLOPs and roofline times of one step made of ``pairs`` (forward order).
 
     ``fused``: the graphs run under a fusing compiler (Inductor), see ``memory.fused_away``.
     ``buffer_plans``: Inductor's buffer plans of graphs it compiled (``memory.simulate``).
+    ``op_models``: ``{op: OpModel}`` of opaque ops (see :mod:`memfit.kernels`), given to both the memory
+    and the time model so they price the same ops the same way; ``None``: the kernels' table.
     """
+    op_models = resolve_op_models(op_models)
     example_device = None
     for n in pairs[0].forward.graph.nodes:
         vals = node_vals(n)
@@ -152,7 +156,8 @@ def analyze_pairs(
             example_device = vals[0].device
             break
     profile = get_profile(device, example_device)
-    memory = simulate(pairs, granularity=profile.alloc_granularity, fused=fused, buffer_plans=buffer_plans)
+    memory = simulate(pairs, granularity=profile.alloc_granularity, fused=fused, buffer_plans=buffer_plans,
+                      op_models=op_models)
     costs = []
     for p in pairs:
         for tag, gm in ((f"{p.name}.fw", p.forward), (f"{p.name}.bw", p.backward)):
@@ -160,7 +165,7 @@ def analyze_pairs(
                 continue
             for n in gm.graph.nodes:
                 if n.op == "call_function":
-                    costs.append(NodeCost(tag, n.name, str(n.target), node_flops(n), node_time(n, profile)))
+                    costs.append(NodeCost(tag, n.name, str(n.target), node_flops(n), node_time(n, profile, op_models)))
     notes = []
     if memory.unmatched:
         notes.append(

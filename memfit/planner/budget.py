@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 
 #: State tensors per parameter kept by each optimizer (same shape and dtype as the parameter).
 OPTIMIZER_STATES = {

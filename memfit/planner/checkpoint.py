@@ -284,87 +284,115 @@ def plan(
     ``curve_points``: probe at least this many saved-byte limits in all, evenly between the least
     and the most saving plans, so the report's budget-vs-time curve has points across the range.
     Raises :class:`Infeasible` with the smallest peak found when no plan fits.
+
+    The search: the least-saving and the fastest plans first (the two ends of the range); when the
+    fastest does not fit, bisection on the saved-bytes limit between them (:func:`_bisect`); then
+    the extra points of the curve (:func:`_fill_curve`).
     """
     t0 = time.perf_counter()
-    prob = Problem(joint, num_fwd_outputs, profile)
-    probes: list[Probe] = []
-    seen: dict[frozenset[str], Probe] = {}
-    solves = 0
+    search = _Search(Problem(joint, num_fwd_outputs, profile), evaluate, progress, max(max_probes, curve_points))
+    lo = search.run(None, minimise_bytes=True)
+    if lo is None:
+        from memfit.errors import CantApply
 
-    def run(limit, **kw):
-        nonlocal solves
-        solves += 1
-        p = prob.solve(limit, **kw)
+        raise CantApply("the checkpoint program has no solution (conflicting save/recompute tags?)")
+    hi = search.run(None)  # no limit: the fastest plan (saves everything it needs)
+    best = min((p for p in (lo, hi) if p.peak <= budget), key=lambda p: p.cost, default=None)
+    if best is None and lo.peak > budget:
+        low = min(search.probes, key=lambda p: p.peak)
+        raise Infeasible(low.peak, budget, _checkpoint_plan(low, budget, search.probes, t0), low.result)
+    if hi.peak > budget:
+        best = _bisect(search, lo, hi, budget, best, max_probes)
+    best = _fill_curve(search, lo, hi, budget, best, curve_points)
+    assert best is not None
+    return _checkpoint_plan(best, budget, search.probes, t0), best.result
+
+
+class _Search:
+    """The probes of one search: each limit is solved, and each plan not seen before carried out and
+    evaluated once (in the order solved)."""
+
+    def __init__(self, prob: Problem, evaluate, progress, shown_total: int):
+        self.prob = prob
+        self.evaluate = evaluate
+        self.progress = progress
+        self.shown_total = shown_total
+        """The number of probes the progress lines count towards."""
+        self.probes: list[Probe] = []
+        self.seen: dict[frozenset[str], Probe] = {}
+        self.solves = 0
+
+    def run(self, limit, **kw) -> Probe | None:
+        self.solves += 1
+        p = self.prob.solve(limit, **kw)
         if p is None:
             return None
-        if p.saved in seen:
+        if p.saved in self.seen:
             # a limit between two probes often gives one of their plans again: its peak is known,
             # and carrying it out again (0.1-0.4 s on an 8-layer GPT) would tell nothing new
-            return seen[p.saved]
-        p.peak, p.result = evaluate(p.saved)
-        probes.append(p)
-        seen[p.saved] = p
-        if progress:
-            from memfit.config import format_bytes
+            return self.seen[p.saved]
+        p.peak, p.result = self.evaluate(p.saved)
+        self.probes.append(p)
+        self.seen[p.saved] = p
+        if self.progress:
+            from memfit.units import format_bytes
 
-            progress(
-                f"checkpoint plan {len(probes)}/{max(max_probes, curve_points)}: saving {format_bytes(p.saved_bytes)}"
+            self.progress(
+                f"checkpoint plan {len(self.probes)}/{self.shown_total}: saving {format_bytes(p.saved_bytes)}"
                 f" -> peak {format_bytes(p.peak)}"
             )
         return p
 
-    lo = run(None, minimise_bytes=True)
-    if lo is None:
-        from memfit.passes import CantApply
 
-        raise CantApply("the checkpoint program has no solution (conflicting save/recompute tags?)")
-    hi = run(None)  # no limit: the fastest plan (saves everything it needs)
-    best = min((p for p in (lo, hi) if p.peak <= budget), key=lambda p: p.cost, default=None)
-    if best is None and lo.peak > budget:
-        low = min(probes, key=lambda p: p.peak)
-        smallest = CheckpointPlan(
-            saved=low.saved, recomputed=low.recomputed, budget=budget, predicted_peak=low.peak,
-            recompute_time_s=low.cost, saved_bytes=low.saved_bytes, probes=len(probes),
-            plan_time_s=time.perf_counter() - t0, frontier=tuple(sorted({(p.peak, p.cost) for p in probes})),
-        )
-        raise Infeasible(low.peak, budget, smallest, low.result)
-    if hi.peak > budget:
-        # Halve the saved-bytes limit between ``a`` (fits) and ``b`` (does not) until 1% apart, or
-        # until the fitting plan is within 1% of the budget. (Interpolating the peak between the two,
-        # tried on an 8-layer GPT, took as many probes: the peak moves in steps of a layer's tensors.)
-        a, b = float(lo.saved_bytes), float(hi.saved_bytes)
-        while len(probes) < max_probes and solves < 3 * max_probes and b - a > max(1.0, 0.01 * b):
-            if best is not None and best.peak >= 0.99 * budget:
-                break  # a finer limit moves the peak by less than the model's error
-            mid = (a + b) / 2
-            p = run(mid)
-            if p is None:
-                a = mid
-                continue
-            if p.peak <= budget:
-                a = mid
-                if best is None or p.cost < best.cost:
-                    best = p
-            else:
-                b = mid
-    missing = curve_points - len(probes)
+def _bisect(search: _Search, lo: Probe, hi: Probe, budget: int, best: Probe | None, max_probes: int) -> Probe | None:
+    """The fastest fitting plan found by halving the saved-bytes limit between ``a`` (fits) and ``b``
+    (does not) until 1% apart, or until the fitting plan is within 1% of the budget. (Interpolating
+    the peak between the two, tried on an 8-layer GPT, took as many probes: the peak moves in steps
+    of a layer's tensors.)"""
+    a, b = float(lo.saved_bytes), float(hi.saved_bytes)
+    while len(search.probes) < max_probes and search.solves < 3 * max_probes and b - a > max(1.0, 0.01 * b):
+        if best is not None and best.peak >= 0.99 * budget:
+            break  # a finer limit moves the peak by less than the model's error
+        mid = (a + b) / 2
+        p = search.run(mid)
+        if p is None:
+            a = mid
+            continue
+        if p.peak <= budget:
+            a = mid
+            if best is None or p.cost < best.cost:
+                best = p
+        else:
+            b = mid
+    return best
+
+
+def _fill_curve(search: _Search, lo: Probe, hi: Probe, budget: int, best: Probe | None, curve_points: int) -> Probe | None:
+    """Probe evenly spaced limits until ``curve_points`` plans in all were evaluated (skipping limits
+    within 1% of one already probed), keeping the fastest fitting plan: the report's curve then has
+    points across the whole range, and a point that is faster and fits is chosen."""
+    missing = curve_points - len(search.probes)
     for i in range(max(0, missing)):
         limit = lo.saved_bytes + (hi.saved_bytes - lo.saved_bytes) * (i + 1) / (missing + 1)
-        if any(abs(p.limit - limit) < 0.01 * max(hi.saved_bytes, 1) for p in probes):
+        if any(abs(p.limit - limit) < 0.01 * max(hi.saved_bytes, 1) for p in search.probes):
             continue
-        p = run(limit)
+        p = search.run(limit)
         if p is not None and p.peak <= budget and (best is None or p.cost < best.cost):
             best = p
-    assert best is not None
-    chosen = CheckpointPlan(
-        saved=best.saved,
-        recomputed=best.recomputed,
+    return best
+
+
+def _checkpoint_plan(p: Probe, budget: int, probes: list[Probe], t0: float) -> CheckpointPlan:
+    """The plan of probe ``p``, with the search's count, time so far and frontier (every probe's
+    simulated peak and recompute time)."""
+    return CheckpointPlan(
+        saved=p.saved,
+        recomputed=p.recomputed,
         budget=budget,
-        predicted_peak=best.peak,
-        recompute_time_s=best.cost,
-        saved_bytes=best.saved_bytes,
+        predicted_peak=p.peak,
+        recompute_time_s=p.cost,
+        saved_bytes=p.saved_bytes,
         probes=len(probes),
         plan_time_s=time.perf_counter() - t0,
-        frontier=tuple(sorted({(p.peak, p.cost) for p in probes})),
+        frontier=tuple(sorted({(q.peak, q.cost) for q in probes})),
     )
-    return chosen, best.result

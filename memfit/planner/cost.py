@@ -306,15 +306,28 @@ def _node_dtype(node: torch.fx.Node) -> torch.dtype:
     return torch.float32
 
 
-#: op -> ``f(node, profile) -> seconds`` for opaque ops that run graphs of their own (a stream op
-#: runs its chunk graphs). Filled in by the passes.
-EXTERNAL_TIME: dict = {}
+def resolve_op_models(op_models=None):
+    """``op_models``, or when ``None`` the kernels' table (:func:`memfit.kernels.op_models`).
+
+    Looked up at call time, not imported with this module: the kernel modules import the planner (the
+    stream runtime reads its plans), so an import here would be a circle, and importing the planner
+    should not register memfit's ops or load Triton."""
+    if op_models is not None:
+        return op_models
+    from memfit.kernels import op_models as kernel_op_models
+
+    return kernel_op_models()
 
 
-def node_time(node: torch.fx.Node, profile: DeviceProfile) -> float:
-    """Roofline estimate in seconds: max(compute, memory) plus a launch cost for real kernels."""
-    if node.op == "call_function" and node.target in EXTERNAL_TIME:
-        return EXTERNAL_TIME[node.target](node, profile)
+def node_time(node: torch.fx.Node, profile: DeviceProfile, op_models=None) -> float:
+    """Roofline estimate in seconds: max(compute, memory) plus a launch cost for real kernels.
+
+    ``op_models``: ``{op: OpModel}`` (see :mod:`memfit.kernels`); an op whose model has a ``time`` is
+    priced by it (a stream op runs its own chunk graphs). ``None``: the kernels' table."""
+    if node.op == "call_function":
+        model = resolve_op_models(op_models).get(node.target)
+        if model is not None and model.time is not None:
+            return model.time(node, profile)
     if node.op != "call_function" or is_view(node):
         return 0.0
     flops = node_flops(node)

@@ -16,7 +16,7 @@ all visible in Inductor's output code:
 So after Inductor has planned a graph's buffers, memfit reads that plan (the wrapper's memory-planning
 lines, after ``memory_plan_reuse``) and replays it: every allocation with its size, every hand-over,
 every free, the graph's inputs freed by ``del`` and what it returns. The memory model then composes
-the step from these plans instead of its own guess (``memory.simulate(..., plans=...)``), and the
+the step from these plans instead of its own guess (``memory.simulate(..., buffer_plans=...)``), and the
 backend re-plans a graph whose compiled plan is over the budget. What the replay cannot see: memory a
 fallback kernel allocates and frees inside itself (the CPU attention backward's 0.12 MiB scratch here).
 
@@ -68,38 +68,70 @@ def _name(node) -> str | None:
         return None
 
 
+class _References:
+    """The storages the replayed code's names refer to, counted: a storage is freed (a ``FREE`` event)
+    when the last name referring to it is dropped, as Python's reference counting frees it."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.ref: dict[str, Any] = {}
+        self.count: dict[Any, int] = {}
+        self.held: dict[str, list] = {}  # tuple name -> keys of the outputs it holds
+        self._next_id = iter(range(1 << 30))
+
+    def bind(self, name: str, key: Any) -> None:
+        if name is None or key is None:
+            return
+        if name in self.ref:
+            self.unbind(name)
+        self.ref[name] = key
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def unbind(self, name: str) -> None:
+        key = self.ref.pop(name, None)
+        if key is None:
+            return
+        self._drop(key)
+
+    def alloc(self, name: str, nbytes: int) -> None:
+        key = next(self._next_id)
+        self.events.append((ALLOC, key, nbytes))
+        self.bind(name, key)
+
+    def hold(self, name: str, child: str) -> None:
+        """The tuple ``name`` also refers to the storage of its output ``child``."""
+        key = self.ref[child]
+        self.count[key] += 1
+        self.held.setdefault(name, []).append(key)
+
+    def release(self, name: str) -> None:
+        """Drop the references the tuple ``name`` holds to its outputs."""
+        for key in self.held.pop(name, ()):
+            self._drop(key)
+
+    def _drop(self, key: Any) -> None:
+        self.count[key] -= 1
+        if self.count[key] == 0:
+            self.events.append((FREE, key, 0))
+
+
+def _buffer_size(name: str) -> int:
+    """The size of the buffer Inductor's graph calls ``name`` (0: unknown)."""
+    from torch._inductor.virtualized import V
+
+    try:
+        buf = V.graph.get_buffer(name)
+    except Exception:  # noqa: BLE001
+        buf = None
+    return _size(buf) if buf is not None else 0
+
+
 def replay(wrapper) -> BufferPlan:
     """Replay the planned lines of ``wrapper`` (a ``PythonWrapperCodegen`` after ``memory_plan_reuse``)."""
-    from torch._inductor import ir
     from torch._inductor.codegen import wrapper as w
     from torch._inductor.virtualized import V
 
-    events: list = []
-    ref: dict[str, Any] = {}
-    count: dict[Any, int] = {}
-    next_id = iter(range(1 << 30))
-
-    def bind(name: str, key: Any) -> None:
-        if name is None or key is None:
-            return
-        if name in ref:
-            unbind(name)
-        ref[name] = key
-        count[key] = count.get(key, 0) + 1
-
-    def unbind(name: str) -> None:
-        key = ref.pop(name, None)
-        if key is None:
-            return
-        count[key] -= 1
-        if count[key] == 0:
-            events.append((FREE, key, 0))
-
-    def alloc(name: str, nbytes: int) -> None:
-        key = next(next_id)
-        events.append((ALLOC, key, nbytes))
-        bind(name, key)
-
+    refs = _References()
     # A fallback kernel with several outputs returns them in a tuple (``buf40``) that the outputs are
     # then taken from (``buf41 = buf40[0]``): all are allocated when the kernel runs, and each lives
     # until both its own name and the tuple's are dropped.
@@ -107,64 +139,54 @@ def replay(wrapper) -> BufferPlan:
     for line in wrapper.lines:
         if isinstance(line, w.MultiOutputLine):
             children.setdefault(line.arg_name, []).append(line.result_name)
-    held: dict[str, list] = {}  # tuple name -> keys of the outputs it holds
-
-    def release(name: str) -> None:
-        for key in held.pop(name, ()):
-            count[key] -= 1
-            if count[key] == 0:
-                events.append((FREE, key, 0))
-
     inputs = tuple(V.graph.graph_inputs)
     for name in inputs:
-        bind(name, name)
+        refs.bind(name, name)
     for line in wrapper.lines:
-        if isinstance(line, w.AllocateLine):
-            name = _name(line.node)
-            layout = getattr(line.node, "layout", None)
-            if isinstance(layout, ir.NonOwningLayout):
-                bind(name, ref.get(_name(layout.view.data)))
-            else:
-                alloc(name, _size(line.node))
-        elif isinstance(line, w.ReuseLine):
-            old, new = _name(line.node), _name(line.reused_as)
-            bind(new, ref.get(old))
-            if line.delete_old:
-                unbind(old)
-        elif isinstance(line, w.ReinterpretLine):
-            bind(_name(line.reused_as), ref.get(_name(line.node)))
-        elif isinstance(line, w.FreeIfNotReusedLine):
-            if not line.is_reused:
-                unbind(_name(line.node))
-                release(_name(line.node))
-        elif isinstance(line, w.FreeLine):
-            unbind(_name(line.node))
-        elif isinstance(line, w.ExternKernelAllocLine):
-            name = _name(line.node)
-            if not isinstance(getattr(line.node, "layout", None), ir.MultiOutputLayout):
-                alloc(name, _size(line.node))
-                continue
-            for child in children.get(name, ()):
-                try:
-                    buf = V.graph.get_buffer(child)
-                except Exception:  # noqa: BLE001
-                    buf = None
-                alloc(child, _size(buf) if buf is not None else 0)
-                key = ref[child]
-                count[key] += 1
-                held.setdefault(name, []).append(key)
-        elif isinstance(line, w.MultiOutputLine):
-            if line.result_name not in ref:  # not allocated with its kernel above
-                try:
-                    buf = V.graph.get_buffer(line.result_name)
-                except Exception:  # noqa: BLE001
-                    buf = None
-                alloc(line.result_name, _size(buf) if buf is not None else 0)
+        _replay_line(refs, line, children)
     outputs = []
     for o in V.graph.graph_outputs:
         name = _name(o)
-        outputs.append(ref.get(name) if name is not None else None)
-    return BufferPlan(tuple(events), tuple(outputs), inputs)
+        outputs.append(refs.ref.get(name) if name is not None else None)
+    return BufferPlan(tuple(refs.events), tuple(outputs), inputs)
+
+
+def _replay_line(refs: _References, line, children: dict[str, list[str]]) -> None:
+    """What one memory-planning line of the wrapper allocates, hands over or frees (other lines: nothing)."""
+    from torch._inductor import ir
+    from torch._inductor.codegen import wrapper as w
+
+    if isinstance(line, w.AllocateLine):
+        name = _name(line.node)
+        layout = getattr(line.node, "layout", None)
+        if isinstance(layout, ir.NonOwningLayout):
+            refs.bind(name, refs.ref.get(_name(layout.view.data)))
+        else:
+            refs.alloc(name, _size(line.node))
+    elif isinstance(line, w.ReuseLine):
+        old, new = _name(line.node), _name(line.reused_as)
+        refs.bind(new, refs.ref.get(old))
+        if line.delete_old:
+            refs.unbind(old)
+    elif isinstance(line, w.ReinterpretLine):
+        refs.bind(_name(line.reused_as), refs.ref.get(_name(line.node)))
+    elif isinstance(line, w.FreeIfNotReusedLine):
+        if not line.is_reused:
+            refs.unbind(_name(line.node))
+            refs.release(_name(line.node))
+    elif isinstance(line, w.FreeLine):
+        refs.unbind(_name(line.node))
+    elif isinstance(line, w.ExternKernelAllocLine):
+        name = _name(line.node)
+        if not isinstance(getattr(line.node, "layout", None), ir.MultiOutputLayout):
+            refs.alloc(name, _size(line.node))
+            return
+        for child in children.get(name, ()):
+            refs.alloc(child, _buffer_size(child))
+            refs.hold(name, child)
+    elif isinstance(line, w.MultiOutputLine):
+        if line.result_name not in refs.ref:  # not allocated with its kernel above
+            refs.alloc(line.result_name, _buffer_size(line.result_name))
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from memfit.planner.cost import is_view, node_vals, tensor_bytes
+from memfit.planner.cost import is_view, node_vals, resolve_op_models, tensor_bytes
 
 RESIDENT = "resident"  # kinds of buffers
 ACTIVATION = "activation"
@@ -48,11 +48,6 @@ OUTPUT = "output"
 TANGENT = "tangent"
 GRAD = "grad"
 TEMP = "temp"
-
-
-#: op -> ``f(node) -> bytes`` that an opaque op allocates and frees inside itself (a stream op's
-#: chunk intermediates): counted at the node, on top of its outputs. Filled in by the passes.
-SCRATCH: dict = {}
 
 
 @dataclass(frozen=True)
@@ -174,9 +169,11 @@ def _clean_module_path(path: str) -> str:
 
 
 class _Sim:
-    def __init__(self, granularity: int, fused: set[torch.fx.Node]):
+    def __init__(self, granularity: int, fused: set[torch.fx.Node], op_models=None):
         self.g = max(1, granularity)
         self.fused = fused
+        self.op_models = resolve_op_models(op_models)
+        """``{op: OpModel}``: the ops with a ``scratch`` model allocate that much inside themselves."""
         self.buffers: list[Buffer] = []
         self.schedule: list[tuple[str, str]] = []  # (graph, node) per step
         self.unmatched: list[str] = []  # backward inputs not matched to a saved forward output
@@ -186,6 +183,11 @@ class _Sim:
     def size(self, t) -> int:
         n = tensor_bytes(t)
         return -(-n // self.g) * self.g if n else 0
+
+    def scratch_model(self, node: torch.fx.Node):
+        """``f(node) -> bytes`` of an op that allocates and frees memory inside itself, else ``None``."""
+        model = self.op_models.get(node.target) if node.op == "call_function" else None
+        return model.scratch if model is not None else None
 
     def new(self, graph: str, node: torch.fx.Node, nbytes: int, kind: str) -> Buffer:
         module, source = source_of(node)
@@ -206,7 +208,11 @@ def _first_tensor_input(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def simulate(
-    pairs: list[GraphPair], granularity: int = 1, fused: bool = False, buffer_plans: dict | None = None
+    pairs: list[GraphPair],
+    granularity: int = 1,
+    fused: bool = False,
+    buffer_plans: dict | None = None,
+    op_models=None,
 ) -> MemoryModel:
     """Simulate the step (forwards in order, then backwards in reverse) and return the model.
 
@@ -216,32 +222,73 @@ def simulate(
     ``buffer_plans``: ``{"g0.fw": BufferPlan, ...}``, the buffer plans Inductor made for graphs it compiled
     (see :mod:`memfit.planner.inductor_plan`); such a graph is replayed from its plan (every
     allocation, hand-over and free Inductor generated code for) instead of estimated from its nodes.
+
+    ``op_models``: ``{op: OpModel}`` of opaque ops that allocate memory inside themselves (see
+    :mod:`memfit.kernels`); ``None``: the kernels' table.
+
+    Three steps: create every buffer while walking the graphs in step order (:func:`_walk_step`), set
+    each buffer's lifetime from its uses and role (:func:`_set_lifetimes`), and replay the allocations
+    and frees into the timeline (:func:`_timeline`).
     """
-    buffer_plans = buffer_plans or {}
+    away, moved = _inductor_rewrites(pairs) if fused else (set(), {})
+    sim = _Sim(granularity, away, op_models)
+    sim.moved = moved
+    walk = _walk_step(sim, pairs, buffer_plans or {})
+    end = sim.step
+    _set_lifetimes(sim, pairs, walk, end)
+    timeline = _timeline(sim, end)
+    peak_step = max(range(len(timeline)), key=lambda i: timeline[i].live_bytes) if timeline else 0
+    peak = timeline[peak_step].live_bytes if timeline else 0
+    return MemoryModel(sim.buffers, timeline, peak, peak_step, unmatched=sim.unmatched)
+
+
+def _inductor_rewrites(pairs: list[GraphPair]) -> tuple[set, dict]:
+    """What a fusing compiler changes in the graphs' memory: the nodes it never writes out (fused
+    pointwise ops, and ``mm``\ s it folds into an ``addmm``), and ``{mm: add}`` for those ``mm``\ s,
+    whose inputs it reads at the ``add`` (see :func:`addmm_rewrites`, :func:`fused_away`)."""
     away: set[torch.fx.Node] = set()
     moved: dict[torch.fx.Node, torch.fx.Node] = {}
-    if fused:
-        for p in pairs:
-            for gm in (p.forward, p.backward):
-                if gm is not None:
-                    addmm = addmm_rewrites(gm)
-                    moved.update(addmm)
-                    away |= fused_away(gm, extern=frozenset(addmm.values())) | set(addmm)
-    sim = _Sim(granularity, away)
-    sim.moved = moved
-    # Pass 1: walk the graphs to create buffers and record local last uses.
-    fw_info = []
+    for p in pairs:
+        for gm in (p.forward, p.backward):
+            if gm is not None:
+                addmm = addmm_rewrites(gm)
+                moved.update(addmm)
+                away |= fused_away(gm, extern=frozenset(addmm.values())) | set(addmm)
+    return away, moved
+
+
+@dataclass
+class _Walk:
+    """What walking the step's graphs found, for :func:`_set_lifetimes`."""
+
+    fw_info: list
+    """Per pair: (buffers by node name, output args, first step) of its forward."""
+    bw_info: dict
+    """Pair index -> the same for its backward (pairs without a backward are missing)."""
+    bw_last: dict
+    """Pair index -> the last step of its backward."""
+    linked: set
+    """Ids of handed-back gradients matched to the tangent that receives them."""
+
+
+def _walk_step(sim: _Sim, pairs: list[GraphPair], buffer_plans: dict) -> _Walk:
+    """Walk the graphs in the order the step runs them (forwards, then backwards in reverse), creating
+    their buffers and recording each one's last use in its own graph. A backward's placeholders are
+    matched to the forward outputs it saved (by name) and to the gradients a later graph's backward
+    handed back (:func:`_handed_tangents`)."""
+
     def collect(gm, graph, placeholder_bufs, new_kind, free_tangents=False):
+        # a graph with an op that allocates inside itself is estimated node by node even when
+        # Inductor's plan exists: the plan sees only the op's outputs, not its scratch
         plan = buffer_plans.get(graph)
-        if plan is not None and not any(n.target in SCRATCH for n in gm.graph.nodes):
+        if plan is not None and not any(sim.scratch_model(n) is not None for n in gm.graph.nodes):
             return _collect_planned(sim, gm, graph, plan, placeholder_bufs, new_kind, free_tangents)
         return _collect(sim, gm, graph, placeholder_bufs, new_kind, free_tangents)
 
-    for p in pairs:
-        fw_info.append(collect(p.forward, f"{p.name}.fw", None, ACTIVATION))
-    bw_info = {}
+    fw_info = [collect(p.forward, f"{p.name}.fw", None, ACTIVATION) for p in pairs]
+    bw_info: dict = {}
     bw_last: dict[int, int] = {}
-    linked: set[int] = set()  # ids of handed-back gradients matched to the tangent that receives them
+    linked: set[int] = set()
     for k in reversed(range(len(pairs))):
         p = pairs[k]
         if p.backward is None:
@@ -255,9 +302,14 @@ def simulate(
         saved_map.update(_handed_tangents(p, pairs[k + 1] if k + 1 < len(pairs) else None, bw_info.get(k + 1), linked))
         bw_info[k] = collect(p.backward, f"{p.name}.bw", saved_map, TEMP, free_tangents=k < len(pairs) - 1)
         bw_last[k] = sim.step
+    return _Walk(fw_info, bw_info, bw_last, linked)
 
-    end = sim.step
-    # Lifetimes: a buffer lives to its last local use, extended for saved values, outputs, grads.
+
+def _set_lifetimes(sim: _Sim, pairs: list[GraphPair], walk: _Walk, end: int) -> None:
+    """Set every buffer's kind and free step: a buffer lives to its last local use, extended for saved
+    values (to their last use in the backward), user outputs and gradients (to ``end``, the step's last),
+    and a gradient handed back to an earlier graph (to the end of that graph's backward)."""
+    fw_info, bw_info, bw_last, linked = walk.fw_info, walk.bw_info, walk.bw_last, walk.linked
     for k, p in enumerate(pairs):
         fw_bufs, fw_out, _ = fw_info[k]
         for j, a in enumerate(fw_out):
@@ -298,7 +350,11 @@ def simulate(
     for b in sim.buffers:
         b.free_step = max(b.last_use, b.pinned, b.alloc_step)
 
-    # Pass 2: replay allocations and frees into the timeline.
+
+def _timeline(sim: _Sim, end: int) -> list[TimelinePoint]:
+    """Replay the buffers' allocations and frees, step by step: the bytes live at each step once its
+    outputs exist and once what it last used is freed. Outputs and gradients alive at ``end`` outlive
+    the step and are never freed here."""
     allocs: dict[int, int] = {}
     frees: dict[int, int] = {}
     for b in sim.buffers:
@@ -313,9 +369,7 @@ def simulate(
         before = live
         live -= frees.get(step, 0)
         timeline.append(TimelinePoint(step, graph, name, before, live))
-    peak_step = max(range(len(timeline)), key=lambda i: timeline[i].live_bytes) if timeline else 0
-    peak = timeline[peak_step].live_bytes if timeline else 0
-    return MemoryModel(sim.buffers, timeline, peak, peak_step, unmatched=sim.unmatched)
+    return timeline
 
 
 def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_tangents: bool = False):
@@ -346,8 +400,9 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
                     sim.new(graph, n, 0 if fused else sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None
                     for v in vals
                 ]
-                if n.target in SCRATCH:
-                    sim.new(graph, n, SCRATCH[n.target](n), TEMP).last_use = sim.step
+                scratch = sim.scratch_model(n)
+                if scratch is not None:
+                    sim.new(graph, n, scratch(n), TEMP).last_use = sim.step
         elif n.op == "output":
             output_args = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
         else:  # get_attr: a constant, resident

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 from memfit.planner.cost import is_view, node_vals, tensor_bytes
 from memfit.planner.memory import source_of
 
@@ -133,11 +133,18 @@ def _ranges(xs: list[int]) -> str:
 # -- the report ------------------------------------------------------------------------------
 
 
+#: The reason codes (``memfit.errors.REASONS``) of the notes listed under "Where a pass did not apply, and
+#: why": refusals, sites left exact, what was not needed, and budgets missed or searched past.
+REPORTED_REASONS = frozenset({
+    "not_applied", "left_exact", "not_needed", "nothing_to_do", "over_budget", "does_not_fit", "kept_smallest", "retry",
+})
+
+
 def build_report(backend: Any, *, title: str = "", measured: dict | None = None) -> dict:
     """The report of every training graph ``backend`` compiled (a recompile replaces its earlier version).
 
     ``measured``: ``{"baseline": Measurement-like, "memfit": Measurement-like}`` from a real run
-    (``memfit bench``, or :func:`memfit.measure.measure` by the user); their peaks and times are put
+    (``memfit bench``, or :func:`memfit.measure` by the user); their peaks and times are put
     beside the predictions."""
     from memfit import __version__
     from memfit.planner.analysis import analyze_pairs
@@ -145,7 +152,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     records = backend.latest_records()
     if not records:
         raise ValueError("no training graph was compiled: nothing to report")
-    fused = backend._fused
+    fused = backend.fused
     device = backend.options.device
     after = analyze_pairs([r.pair for r in records], device=device, fused=fused)
     # A real Inductor compile leaves its buffer plans: the step as it will run, replayed. The planner's FX
@@ -166,7 +173,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
         f"{r.name}: {n}"
         for r in records
         for n in r.notes
-        if any(k in n for k in ("not applied", "left exact", "kept as one call", "no memory pass", "over the budget", "not needed", "no activation", "does not fit"))
+        if getattr(n, "code", None) in REPORTED_REASONS
     ]
     notes = [f"{r.name}: {n}" for r in records for n in r.notes]
     # the budget-vs-time curve of the graph with the largest peak (the one a budget binds)
@@ -186,7 +193,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
         "before": _summary(before),
         "after": _summary(after),
         "compiled": _summary(compiled) if compiled is not None else None,
-        "param_bytes": sum(getattr(backend, "_param_bytes", {}).values()) or None,
+        "param_bytes": sum(getattr(backend, "param_bytes", {}).values()) or None,
         "graphs": [r.to_json() for r in records],
         "decisions": decisions,
         "decision_groups": aggregate(decisions),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 
 SCHEDULES = ("1F1B", "ZB-H1", "ZB-H2", "ZB-V")
 

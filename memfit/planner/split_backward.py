@@ -29,14 +29,16 @@ cost their bytes.
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.fx
 from torch.utils.flop_counter import flop_registry
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 from memfit.planner.cost import node_flops, node_vals, tensor_bytes
 
 #: Ops that return input and weight gradients together, and the output index of the input gradient.
@@ -109,8 +111,12 @@ class NothingToSplit(Exception):
     """The backward has no weight gradient to defer; the reason says why."""
 
 
+def _graph_outputs(graph: torch.fx.Graph) -> list:
+    return list(next(n for n in reversed(graph.nodes) if n.op == "output").args[0])
+
+
 def _outputs(bw: torch.fx.GraphModule) -> list:
-    return list(next(n for n in reversed(bw.graph.nodes) if n.op == "output").args[0])
+    return _graph_outputs(bw.graph)
 
 
 def _ancestors(roots) -> set[torch.fx.Node]:
@@ -141,9 +147,14 @@ def is_matmul_class(n: torch.fx.Node) -> bool:
 def split_mixed_ops(bw: torch.fx.GraphModule, b_roots: list) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """Split every mixed op whose input gradient B needs and whose weight outputs B does not into
     two calls with disjoint ``output_mask`` (in place). Returns (B half, W half) pairs."""
+    return _split_mixed_ops(bw.graph, b_roots)
+
+
+def _split_mixed_ops(graph: torch.fx.Graph, b_roots: list) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """:func:`split_mixed_ops` on a bare graph (the planner rehearses it on a replica, see :func:`plan_split`)."""
     needed = _ancestors(b_roots)
     pairs = []
-    for n in list(bw.graph.nodes):
+    for n in list(graph.nodes):
         if n.op != "call_function" or n.target not in MIXED_OPS:
             continue
         mask = n.args[-1]
@@ -156,8 +167,8 @@ def split_mixed_ops(bw: torch.fx.GraphModule, b_roots: list) -> list[tuple[torch
         # only worth splitting if some weight output is not itself needed by B
         if all(u in needed for u in getitems if u.args[1] != idx):
             continue
-        with bw.graph.inserting_after(n):
-            w_half = bw.graph.call_function(
+        with graph.inserting_after(n):
+            w_half = graph.call_function(
                 n.target, (*n.args[:-1], [m and i != idx for i, m in enumerate(mask)]), dict(n.kwargs)
             )
         w_half.meta = dict(n.meta)
@@ -174,12 +185,81 @@ def split_mixed_ops(bw: torch.fx.GraphModule, b_roots: list) -> list[tuple[torch
 
 def merge_mixed_op(bw: torch.fx.GraphModule, b_half: torch.fx.Node, w_half: torch.fx.Node) -> None:
     """Undo :func:`split_mixed_ops` for one op (its weight half landed in B: one call is cheaper)."""
+    _merge_mixed_op(bw.graph, b_half, w_half)
+
+
+def _merge_mixed_op(graph: torch.fx.Graph, b_half: torch.fx.Node, w_half: torch.fx.Node) -> None:
+    """:func:`merge_mixed_op` on a bare graph."""
     b_mask, w_mask = b_half.args[-1], w_half.args[-1]
     b_half.args = (*b_half.args[:-1], [a or b for a, b in zip(b_mask, w_mask)])
     b_half.meta["val"] = tuple(a if a is not None else b for a, b in zip(b_half.meta["val"], w_half.meta["val"]))
     for u in list(w_half.users):
         u.args = (b_half, u.args[1])
-    bw.graph.erase_node(w_half)
+    graph.erase_node(w_half)
+
+
+_KEPT_WHOLE_REASON = (
+    "its weight gradient is a reduction the minimum cut keeps in B (holding its "
+    "[param]-sized result is cheaper than holding its activation-sized inputs)"
+)
+
+
+def resident_inputs(primals: Sequence[str], params: Sequence[bool]) -> set[str]:
+    """The inputs that cost nothing to hold between B and W: the parameters (they stay allocated)."""
+    return {p for p, is_param in zip(primals, params) if is_param}
+
+
+def plan_split(
+    fw: torch.fx.GraphModule,
+    bw: torch.fx.GraphModule,
+    *,
+    num_fwd_outputs: int,
+    primals: Sequence[str],
+    params: Sequence[bool] | None,
+) -> SplitPlan:
+    """Decide the split of ``bw`` into B and W; neither ``fw`` nor ``bw`` is changed.
+
+    ``primals``: the names of the joint graph's primal inputs, in order (one backward output each);
+    ``params``: for each, whether it is a parameter. Raises :class:`~memfit.errors.CantApply` when the
+    split cannot be carried out on these graphs and :class:`NothingToSplit` when there is no weight
+    gradient to defer; either way the graphs are as they were, so the caller compiles them unsplit.
+
+    Why replicas: the plan names nodes, and carrying it out (:func:`memfit.passes.split_backward.carry_out`)
+    adds nodes to both graphs before the split (the parameter inputs, the halves of split mixed ops)
+    whose names the graphs' namespaces choose. So the planner rehearses those same edits, with the
+    pass's own code, on replicas that name new nodes exactly as the originals will; the carried-out
+    graphs then hold every node the plan names."""
+    from memfit.errors import CantApply
+    from memfit.passes.split_backward import add_param_inputs
+
+    if params is None:
+        raise CantApply("which inputs of the graph are parameters is unknown (the graph was not traced by Dynamo)")
+    n_out = len(_outputs(bw))
+    if n_out != len(primals):
+        raise CantApply(f"the backward returns {n_out} values for {len(primals)} inputs")
+    fw_graph, bw_graph = replica(fw.graph), replica(bw.graph)
+    holders = add_param_inputs(fw_graph, bw_graph, num_fwd_outputs=num_fwd_outputs, primals=primals, params=params)
+    return _plan_graph(bw_graph, set(holders), holders, resident=resident_inputs(primals, params))
+
+
+def replica(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` (same nodes, same names) that names the nodes later added to it exactly as
+    ``graph`` would name them.
+
+    A graph names a new node from its namespace: the names ever used in it (erased nodes' included)
+    and a counter per base name. A plain copy starts a fresh namespace, so the second
+    ``convolution_backward`` half the split adds could be ``convolution_backward_2`` in the copy and
+    ``convolution_backward_5`` in the original. Node metadata is shared, as in ``Graph.__deepcopy__``
+    (a shallow copy of each ``meta``): the planner replaces, never mutates, the values in it."""
+    copied = torch.fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    got = copied.graph_copy(graph, {}, return_output_node=True)
+    if got is not None:
+        value, old_output = got
+        new_output = copied.output(value, type_expr=getattr(old_output, "type", None))
+        new_output.meta = copy.copy(old_output.meta)
+    copied._graph_namespace._used_names = set(graph._graph_namespace._used_names)
+    copied._graph_namespace._base_count = dict(graph._graph_namespace._base_count)
+    return copied
 
 
 def plan(
@@ -194,28 +274,67 @@ def plan(
     ``param_outputs``: positions of the backward outputs that are parameter gradients;
     ``param_placeholders``: for each of them, the name of the backward placeholder that holds the
     parameter (see :func:`memfit.passes.split_backward.ensure_params`); ``resident``: placeholder
-    names that cost nothing to hold (parameters, buffers)."""
-    import networkx as nx
+    names that cost nothing to hold (parameters, buffers).
 
-    outs = _outputs(bw)
+    Kept for the backend's current sequence (``ensure_params``, then this, then ``apply``), which
+    changes the graphs before it can refuse; :func:`plan_split` decides without changing them."""
+    return _plan_graph(bw.graph, param_outputs, param_placeholders, resident=resident)
+
+
+def _plan_graph(
+    graph: torch.fx.Graph,
+    param_outputs: set[int],
+    param_placeholders: dict[int, str],
+    *,
+    resident: set[str] = frozenset(),
+) -> SplitPlan:
+    """:func:`plan` on a bare graph, in its steps: which outputs go where, split the mixed ops, the
+    minimum cut, re-merge the mixed ops the cut kept in B, then what B hands to W and the FLOPs."""
+    outs = _graph_outputs(graph)
     w_pos = tuple(i for i, o in enumerate(outs) if i in param_outputs and isinstance(o, torch.fx.Node))
     b_pos = tuple(i for i, o in enumerate(outs) if i not in param_outputs and isinstance(o, torch.fx.Node))
     if not w_pos:
         raise NothingToSplit("the backward computes no parameter gradient (no parameter of this graph requires grad)")
     b_roots = [outs[i] for i in b_pos]
-    pairs = split_mixed_ops(bw, b_roots)
-    b_required = _ancestors(b_roots)
-    w_needed = _ancestors(outs[i] for i in w_pos)
-    candidates = [n for n in bw.graph.nodes if n in w_needed and n not in b_required and n.op == "call_function"]
+    pairs = _split_mixed_ops(graph, b_roots)
+    w_nodes = _min_cut_w_nodes(graph, outs, b_pos, w_pos, resident)
+    split_ops, kept = _settle_mixed_ops(graph, pairs, w_nodes)
+    handoff = _handoff(graph, outs, w_pos, w_nodes)
+    held = sum(int(_value_bytes(n)) for n in handoff if not (n.op == "placeholder" and n.name in resident))
+    w_flops = sum(node_flops(n) for n in w_nodes)
+    b_flops = sum(node_flops(n) for n in graph.nodes if n.op == "call_function" and n not in w_nodes)
+    return SplitPlan(
+        input_outputs=b_pos,
+        weight_outputs=w_pos,
+        weight_params=tuple(param_placeholders[i] for i in w_pos),
+        w_nodes=frozenset(n.name for n in w_nodes),
+        handoff=tuple(n.name for n in handoff),
+        held_bytes=held,
+        b_flops=b_flops,
+        w_flops=w_flops,
+        split_ops=tuple(split_ops),
+        kept_whole=tuple(kept),
+    )
 
-    # Minimum cut. (n, "in") on the source side: n is computed in B (placeholders and what the input
-    # gradients need are tied there); on the sink side: in W (matmul-class candidates are tied
-    # there). (n, "out") on the sink side: n is available in W. The edge in -> out has capacity =
-    # bytes of n's value, so a value computed in B and available in W (handed over) costs its bytes.
+
+def _min_cut_w_nodes(
+    graph: torch.fx.Graph, outs: list, b_pos: tuple[int, ...], w_pos: tuple[int, ...], resident: set[str]
+) -> set[torch.fx.Node]:
+    """The nodes the minimum cut on bytes held between B and W puts in W (matmul-class work pinned there).
+
+    (n, "in") on the source side: n is computed in B (placeholders and what the input gradients need
+    are tied there); on the sink side: in W (matmul-class candidates are tied there). (n, "out") on
+    the sink side: n is available in W. The edge in -> out has capacity = bytes of n's value, so a
+    value computed in B and available in W (handed over) costs its bytes."""
+    import networkx as nx
+
+    b_required = _ancestors(outs[i] for i in b_pos)
+    w_needed = _ancestors(outs[i] for i in w_pos)
+    candidates = [n for n in graph.nodes if n in w_needed and n not in b_required and n.op == "call_function"]
     g = nx.DiGraph()
     src, sink = "SOURCE", "SINK"
     cand = set(candidates)
-    for n in bw.graph.nodes:
+    for n in graph.nodes:
         if n.op == "output":
             continue
         if n not in cand and n not in b_required and n.op != "placeholder":
@@ -235,35 +354,32 @@ def plan(
     if sink not in g:
         g.add_node(sink)
     _, (s_side, _t) = nx.minimum_cut(g, src, sink)
-    w_nodes = {n for n in cand if (n, "in") not in s_side}
+    return {n for n in cand if (n, "in") not in s_side}
 
-    # Mixed ops whose weight half the cut put in B: one fused call again.
+
+def _settle_mixed_ops(
+    graph: torch.fx.Graph, pairs: list[tuple[torch.fx.Node, torch.fx.Node]], w_nodes: set[torch.fx.Node]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Keep split the mixed ops whose weight half the cut put in W; merge the others back into one
+    fused call (in place). Returns the split ops' names and the kept-whole ones with the reason."""
     split_ops, kept = [], []
     for b_half, w_half in pairs:
         if w_half in w_nodes:
             split_ops.append(b_half.name)
         else:
-            kept.append((b_half.name, "its weight gradient is a reduction the minimum cut keeps in B (holding its "
-                         "[param]-sized result is cheaper than holding its activation-sized inputs)"))
-            merge_mixed_op(bw, b_half, w_half)
+            kept.append((b_half.name, _KEPT_WHOLE_REASON))
+            _merge_mixed_op(graph, b_half, w_half)
+    return split_ops, kept
+
+
+def _handoff(
+    graph: torch.fx.Graph, outs: list, w_pos: tuple[int, ...], w_nodes: set[torch.fx.Node]
+) -> list[torch.fx.Node]:
+    """The values B hands to W, in graph order: what a W node reads, and what W returns but B computes."""
     handoff: list[torch.fx.Node] = []
-    for n in bw.graph.nodes:
+    for n in graph.nodes:
         if n in w_nodes or n.op == "output":
             continue
         if any(u in w_nodes for u in n.users) or any(outs[i] is n for i in w_pos):
             handoff.append(n)
-    held = sum(int(_value_bytes(n)) for n in handoff if not (n.op == "placeholder" and n.name in resident))
-    w_flops = sum(node_flops(n) for n in w_nodes)
-    b_flops = sum(node_flops(n) for n in bw.graph.nodes if n.op == "call_function" and n not in w_nodes)
-    return SplitPlan(
-        input_outputs=b_pos,
-        weight_outputs=w_pos,
-        weight_params=tuple(param_placeholders[i] for i in w_pos),
-        w_nodes=frozenset(n.name for n in w_nodes),
-        handoff=tuple(n.name for n in handoff),
-        held_bytes=held,
-        b_flops=b_flops,
-        w_flops=w_flops,
-        split_ops=tuple(split_ops),
-        kept_whole=tuple(kept),
-    )
+    return handoff

@@ -14,13 +14,13 @@ Reductions over the tokens (the loss's mean, a ``sum``) end a region: each chunk
 and a mean divides by a normaliser the graph computes (for ``nll_loss`` the count of non-ignored
 targets, which the op itself returns), so there is no host synchronisation.
 
-The rules are per op (``_RULES``) and conservative: an op with no rule, a view that merges the token
-dim with another one, a random op (dropout's mask cannot be drawn in chunks the way it is drawn whole)
-ends the region, and the op and the reason are recorded for the report. That is the whole
-correctness argument: a region only holds ops whose rows are independent — and attentions, which
-mix tokens only through their keys and values: those come whole from an earlier region, and each
-query chunk reads them (its prefix of them when the attention is provably causal, see
-:func:`_attention_mode`) with its own rows of the mask.
+The rules are per op (the methods of ``_Rules``, which ``_rule_for`` picks for a node) and
+conservative: an op with no rule, a view that merges the token dim with another one, a random op
+(dropout's mask cannot be drawn in chunks the way it is drawn whole) ends the region, and the op and
+the reason are recorded for the report. That is the whole correctness argument: a region only holds
+ops whose rows are independent — and attentions, which mix tokens only through their keys and values:
+those come whole from an earlier region, and each query chunk reads them (its prefix of them when the
+attention is provably causal, see :func:`_attention_mode`) with its own rows of the mask.
 
 Like StreamBP (arXiv 2506.03077) the forward keeps only a region's inputs; unlike it, the regions come
 from the graph, not from monkeypatched modules, and the loss's normaliser comes from the graph with no
@@ -828,7 +828,7 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     that many regions, those with the most intermediates (the backend searches both against the budget:
     a region left alone keeps Inductor's fused kernels).
     """
-    from memfit.passes import CantApply
+    from memfit.errors import CantApply
 
     seq = seq_len_of(example_inputs)
     if seq is None:

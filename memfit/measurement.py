@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from memfit.config import format_bytes
+from memfit.units import format_bytes
 
 
 @dataclass(frozen=True)

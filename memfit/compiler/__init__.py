@@ -1,0 +1,14 @@
+"""The compiler: the ``torch.compile`` backend and what it runs for one graph.
+
+* ``backend``: :class:`~memfit.compiler.backend.MemfitBackend`, the options, the entry point, the
+  committed records and the report;
+* ``search``: the searches that run compile attempts and keep one;
+* ``attempt``: one compile attempt as a value (partition callback, inner compile, records);
+* ``inner``: the inner compilers (eager, Inductor with buffer-plan capture, split backward);
+* ``records``: :class:`~memfit.compiler.records.GraphRecord`.
+"""
+
+from memfit.compiler.backend import MemfitBackend, make_backend, registered_backend
+from memfit.compiler.records import GraphRecord
+
+__all__ = ["GraphRecord", "MemfitBackend", "make_backend", "registered_backend"]

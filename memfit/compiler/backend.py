@@ -1,0 +1,287 @@
+"""The ``torch.compile`` backend: the options, the entry point, and the committed records.
+
+Flow for one Dynamo graph that needs gradients (see ``docs/layout.md``)::
+
+    Dynamo FX graph ─> MemfitBackend.__call__ ─> a search (memfit.compiler.search) runs Attempts
+        Attempt: AOTAutograd ─> joint graph ─> Attempt.partition (plan → passes) ─> forward, backward
+                                                                   └─> inner compiler (+ buffer plans)
+    ─> the backend commits the kept attempt's records and writes the report once
+
+* ``inner="eager"``: ``aot_autograd`` with memfit's partition function and boxed eager compilers
+  (the graphs run op by op, freeing each value after its last use, and the backward clears its
+  argument list so saved activations die at their last use, as under Inductor). With no plan, the
+  partition is AOTAutograd's ``default_partition``: it saves what eager autograd would save.
+* ``inner="inductor"``: Inductor's own ``compile_fx`` (its decompositions, joint-graph passes and
+  output-stride rules are easy to get subtly wrong when re-implemented), with memfit's partition
+  function installed as Inductor's ``custom_partitioner_fn`` and memfit's compiler wrapped around
+  ``compile_fx_inner``. With no plan, the partition is the min-cut that plain ``torch.compile`` uses,
+  so memfit with no passes is never worse than what the user had.
+
+Graphs that need no gradients (``torch.no_grad``, or no input requires grad) go straight to the
+inner compiler. Every graph compiled leaves a :class:`~memfit.compiler.records.GraphRecord` on the
+backend (and in the ``report=`` file): its forward and backward, the memory model's prediction and the
+decisions taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from memfit.compiler import search
+from memfit.compiler.attempt import Attempt
+from memfit.compiler.records import GraphRecord
+from memfit.config import Options, make_options
+from memfit.errors import BudgetError, OptionsError
+from memfit.planner import choice
+from memfit.planner.analysis import StepAnalysis, analyze_pairs
+from memfit.techniques import APPROXIMATE, auto_streams, enabled
+from memfit.units import format_bytes
+
+
+def _requires_grad(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+class MemfitBackend:
+    """A ``torch.compile`` backend; build it with :func:`memfit.backend`."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.records: list[GraphRecord] = []
+        """The graphs compiled so far (committed from the attempts kept), in compile order."""
+        self.inference_graphs = 0
+        self.param_inputs: tuple[bool, ...] | None = None
+        """Which inputs of the graph being compiled are parameters (see GraphPair)."""
+        self.param_bytes: dict[int, int] = {}
+        """id -> bytes of every parameter the graphs took (the resident part of ``device_memory``)."""
+        self.device: torch.device | None = None
+        self.curve_points = 8 if options.report else 0
+        """Checkpoint plans evaluated per graph, at least (the report's budget-vs-time curve)."""
+        self.progress: Callable[[str], None] | None = None
+        """Called with a line of progress while planning (the CLI draws a bar from it)."""
+        self.strict = True
+        """False: when no plan fits, keep the smallest-peak plan and record why (for ``memfit plan``'s
+        report) instead of raising :class:`BudgetError`."""
+        self.infeasible: list[str] = []
+        """The messages of the graphs no plan fitted (``strict=False``)."""
+        self._graph_ids = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"memfit.backend({self.options})"
+
+    # -- entry points ----------------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if not torch.is_grad_enabled() or not any(_requires_grad(x) for x in example_inputs):
+            self.inference_graphs += 1
+            return self._inner_inference(gm, example_inputs)
+        self.note_inputs(example_inputs)
+        compile_one = search.compile_eager if self.options.inner == "eager" else search.compile_inductor
+        return self._commit(self._search(compile_one, gm, example_inputs))
+
+    def analysis_compiler(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Trace and partition as the backend would, then run the graphs eagerly (for fake tensors);
+        see :func:`memfit.compiler.search.compile_analysis`."""
+        self.note_inputs(example_inputs)
+        return self._commit(self._search(search.compile_analysis, gm, example_inputs))
+
+    def _search(self, compile_one: search.CompileOne, gm, example_inputs) -> Attempt:
+        if "stream" in self.passes:
+            gm, notes = search.stream(self, gm, example_inputs)
+            return compile_one(self, gm, example_inputs, notes)
+        if self.auto_streams:
+            return search.stream_or_not(self, compile_one, gm, example_inputs)
+        return compile_one(self, gm, example_inputs, [])
+
+    def _commit(self, kept: Attempt) -> Callable:
+        """Keep what the attempt recorded, and write the report once."""
+        self.records.extend(kept.records)
+        self.infeasible.extend(kept.infeasible)
+        self._write_report()
+        return kept.compiled
+
+    def _inner_inference(self, gm, example_inputs):
+        if self.options.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    # -- what attempts read -------------------------------------------------------------------
+    def note_inputs(self, example_inputs: Sequence[Any]) -> None:
+        """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
+        self.param_inputs = tuple(isinstance(x, torch.nn.Parameter) for x in example_inputs)
+        for x in example_inputs:
+            if isinstance(x, torch.nn.Parameter):
+                self.param_bytes[id(x)] = x.numel() * x.element_size()
+            if isinstance(x, torch.Tensor) and self.device is None:
+                self.device = x.device
+
+    def next_graph_name(self) -> str:
+        """``g0``, ``g1``, ...: one name per partition this backend runs (probes of a search included)."""
+        return f"g{next(self._graph_ids)}"
+
+    def step_budget(self):
+        """The step's budget: ``budget``, or what ``device_memory`` leaves after the resident bytes of the
+        parameters seen so far (with graph breaks, an early graph sees only its own) and the optimizer."""
+        from memfit.planner.budget import ResidentTooLarge, step_budget
+
+        try:
+            return step_budget(
+                budget=self.options.budget,
+                device_memory=self.options.device_memory,
+                param_bytes=sum(self.param_bytes.values()),
+                optimizer=self.options.optimizer,
+                device=self.device,
+            )
+        except ResidentTooLarge as e:
+            raise BudgetError(0, 0, message=f"memfit: {e}") from None
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes this backend may run as candidates (see :func:`memfit.techniques.enabled`)."""
+        return enabled(self.options.passes, self.options.allow_approximation)
+
+    @property
+    def auto_streams(self) -> bool:
+        """``passes="auto"`` with a budget: the stream pass is the exact technique of last resort."""
+        return auto_streams(self.options.passes) and self.step_budget().budget is not None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the inner compiler fuses pointwise ops (what the memory model should assume)."""
+        return self.options.inner == "inductor"
+
+    @property
+    def plan_margin(self) -> float:
+        """The fraction of the budget a plan aims at (:func:`memfit.planner.choice.plan_margin`)."""
+        return choice.plan_margin(self.fused)
+
+    def decompositions(self) -> dict:
+        """Inductor's decomposition table, less the derivative ops the few-bit pass rewrites (when on)."""
+        from torch._inductor.decomposition import select_decomp_table
+
+        table = select_decomp_table()
+        if "fewbit" in self.passes:
+            from memfit.passes.fewbit import HELD_BACK
+
+            table = {k: v for k, v in table.items() if k not in HELD_BACK}
+        return table
+
+    def hints(self, smallest: int | None = None, margin: float = 1.0) -> list[str]:
+        """What else could make a step fit (for the error when no plan does)."""
+        hints = []
+        sb = self.step_budget()
+        if smallest is not None and sb.device_memory is not None:
+            need = sb.resident_bytes + smallest / margin
+            hints.append(
+                f"a device of at least {format_bytes(need)} ({format_bytes(sb.resident_bytes)} resident + the smallest "
+                f"plannable step), or less resident memory (a lighter optimizer state, sharding)"
+            )
+        if not self.options.allow_approximation and any(p not in self.passes for p in APPROXIMATE):
+            hints.append(
+                "allow approximation (allow_approximation=True, or --allow-approximation): few-bit activation "
+                "gradients store 1-4-bit codes instead of activation inputs"
+            )
+        hints.append(
+            "split the model into pipeline stages (memfit.pipelining.pipeline_stage): each stage holds only its own "
+            "layers' activations and gradients"
+        )
+        hints.append("shrink the microbatch or the sequence")
+        return hints
+
+    # -- what was compiled ---------------------------------------------------------------------
+    def latest_records(self) -> list[GraphRecord]:
+        """The training graphs of one step, in the order a step runs them: a recompile of the same code
+        (same Dynamo frame) replaces its earlier version."""
+        latest: dict[Any, GraphRecord] = {}  # keeps the order in which frames first compiled
+        for i, r in enumerate(self.records):
+            latest[r.frame if r.frame is not None else f"#{i}"] = r
+        return list(latest.values())
+
+    def step_analysis(self, param_bytes: int | None = None, *, replayed: bool = True) -> StepAnalysis:
+        """One analysis of a step made of the training graphs compiled so far (see ``latest_records``).
+
+        ``replayed``: graphs Inductor compiled are replayed from its buffer plans (the step as it will
+        run); False: every graph is estimated from its nodes, as the planner and ``memfit analyze`` do."""
+        records = self.latest_records()
+        pairs = [r.pair for r in records]
+        plans = {k: v for r in records for k, v in r.buffer_plans.items()} if replayed else {}
+        analysis = analyze_pairs(
+            pairs, device=self.options.device, param_bytes=param_bytes, fused=self.fused, buffer_plans=plans
+        )
+        if len(pairs) > 1:
+            analysis.notes.append(
+                f"the step was split into {len(pairs)} graphs (graph breaks); an output passed to the next "
+                "graph is counted as live to the end of the step (the caller may hold it, as an HF output "
+                "holds the logits), and the input gradients a graph returns as the incoming gradients of "
+                "the graph before it, freed where that graph's backward drops them"
+            )
+        return analysis
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> dict:
+        return {
+            "options": {
+                k: (list(v) if isinstance(v, tuple) else v if k != "fewbit_calibration" else v is not None)
+                for k, v in self.options.__dict__.items()
+            },
+            "inference_graphs": self.inference_graphs,
+            "graphs": [r.to_json() for r in self.records],
+        }
+
+    def _write_report(self) -> None:
+        """``report=`` ending in .html or .md: the planning report (all three forms, see
+        ``memfit.planner.report.write``); any other path: this backend's JSON record of every graph."""
+        path = self.options.report
+        if not path:
+            return
+        if path.lower().endswith((".html", ".htm", ".md")):
+            self.write_report(path)
+            return
+        with open(path, "w") as f:
+            json.dump(self.report(), f, indent=1)
+
+    def write_report(self, path: str, *, title: str = "", measured: dict | None = None) -> list[str]:
+        """Write the planning report of the graphs compiled so far (HTML, Markdown and JSON beside each
+        other); ``measured`` attaches a real run: ``{"baseline": m0, "memfit": m1}`` with ``m`` from
+        :func:`memfit.measure`. Returns the paths written."""
+        from memfit.planner import report as rp
+
+        return rp.write(rp.build_report(self, title=title, measured=measured), path)
+
+
+def make_backend(options: dict[str, Any] | None = None, **kwargs: Any) -> MemfitBackend:
+    """A memfit backend for ``torch.compile(model, backend=memfit.backend(budget="6GiB"))``.
+
+    Options (also accepted as ``options={...}``): ``budget`` (bytes or "6GiB"; None: no limit),
+    ``passes`` ("auto" or pass names), ``device`` ("h100", "a100", "cpu"), ``inner`` ("inductor" or
+    "eager"), ``report`` (a path for the report); the full list is ``memfit.config.Options``.
+    """
+    return MemfitBackend(make_options(options, **kwargs))
+
+
+#: Options -> the backend ``backend="memfit"`` shares between graphs compiled with those options (so that
+#: its records and the ``report=`` file cover every graph of a model).
+_shared: dict[Options, MemfitBackend] = {}
+
+
+def registered_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """Entry point behind ``torch.compile(model, backend="memfit", options={...})``.
+
+    Dynamo calls it once per graph; graphs compiled with equal options share one backend so that
+    its records (and the ``report=`` file) cover all of them.
+    """
+    try:
+        opts = make_options(kwargs.pop("options", None), **kwargs)
+    except ValueError as e:
+        raise OptionsError(str(e), first_useful_frame=None) from None
+    be = _shared.setdefault(opts, MemfitBackend(opts))
+    return be(gm, example_inputs)
+
+
+__all__ = ["MemfitBackend", "make_backend", "registered_backend"]
