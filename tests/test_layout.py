@@ -148,8 +148,13 @@ def test_a_search_commits_only_the_attempt_it_keeps(tmp_path, monkeypatch):
     monkeypatch.setattr(MemfitBackend, "_write_report", lambda self: (writes.append(len(self.records)), real_write(self)))
     report = tmp_path / "r.json"
     be = memfit.backend(budget=int(e.value.smallest_peak * 0.8), inner="eager", report=str(report))
+    from memfit.kernels.stream import REGISTRY
+
+    regions_before = set(REGISTRY)
     torch.compile(model, backend=be)(idx, tgt).backward()
     (rec,) = be.records
+    stream_keys = {n.args[0] for n in rec.pair.forward.graph.nodes if n.target is torch.ops.memfit.stream.default}
+    assert stream_keys and set(REGISTRY) - regions_before == stream_keys  # the dropped tries' regions are released
     assert rec.partition.startswith("stream + ") and not be.infeasible
     assert writes == [1], writes
     assert [g["name"] for g in json.loads(report.read_text())["graphs"]] == [rec.name]

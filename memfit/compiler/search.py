@@ -209,6 +209,18 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
             r.notes.extend(notes)
         return _keep(plain)
     streamed = _held(compile_one, backend, streamed_gm, example_inputs, notes)
+    kept = None
+    try:
+        kept = _keep_streamed_or_not(backend, plain, streamed, budget, only_fewbit)
+        return kept
+    finally:
+        if kept is not streamed:  # the plain compile is kept, or neither: no compiled code runs these regions
+            release_streamed(streamed_gm)
+
+
+def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: int, only_fewbit: bool) -> Attempt:
+    """Of the two compiles, keep the streamed one if it fits exactly; else the lower peak (or the
+    fitting few-bit one); with ``strict``, refuse when neither fits."""
     margin = backend.plan_margin
     for r in streamed.records:  # what the report and the candidates table call the choice
         r.partition = f"stream + {r.partition}"
@@ -242,6 +254,16 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
 
 
 # -- the stream pass and its chunk search ---------------------------------------------------------
+def release_streamed(*graphs) -> None:
+    """Forget the stream regions of graphs a search dropped: no compiled code will run them (the kept
+    graph's regions stay registered; see ``memfit.kernels.stream``)."""
+    from memfit.kernels.stream import release
+
+    for g in graphs:
+        if g is not None:
+            release(g.meta.pop("memfit_stream_keys", ()))
+
+
 class _Streamed(NamedTuple):
     """One run of the stream pass: the graph (``gm`` itself when not applied), its plan, its notes."""
 
@@ -273,6 +295,8 @@ def stream(backend, gm, example_inputs, notes: Sequence[str] = ()) -> tuple[torc
     start, retries = list(notes), []
     got = _Streamed(gm, None, start)
     for i, (largest, mult, attention) in enumerate(tries):
+        if got.graph is not gm:
+            release_streamed(got.graph)  # the previous try: over the budget
         got = stream_once(backend, gm, example_inputs, start + retries, mult, largest, attention=attention)
         if got.graph is gm or i == len(tries) - 1:
             break
@@ -307,10 +331,13 @@ def fewer_chunks(backend, gm, example_inputs, got: _Streamed, largest, attention
     for frac in choice.FEWER_CHUNK_FRACTIONS:
         wider = stream_once(backend, gm, example_inputs, base_notes, frac, largest, attention=attention)
         if wider.graph is gm or [r.chunks for r in wider.plan.regions] == counts:
+            release_streamed(wider.graph if wider.graph is not gm else None)
             break
         peak = predicted_peak(backend, wider.graph, example_inputs)
         if peak is None or peak > limit:
+            release_streamed(wider.graph)
             break
+        release_streamed(got.graph)  # the narrower chunks, now replaced
         note = Note(
             "stream: fewer chunks fit the budget too ("
             + ", ".join(f"{r.name} {k} -> {r.chunks}" for r, k in zip(wider.plan.regions, counts))

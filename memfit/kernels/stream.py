@@ -25,8 +25,8 @@ compiled function that names it can still run would fail that step with a ``KeyE
 memory model, which looks regions up by the same key, would silently count no scratch). Regions are
 made at compile time only (one per streamed region per compile attempt); each holds its traced chunk
 graphs and, when fused, their Inductor-compiled code. Whoever knows that no compiled code names a key
-any more (the backend, when it discards a compile attempt it will never run) may :func:`release` it;
-nothing does so today.
+any more may :func:`release` it: the compiler's searches do, for every streamed graph they drop (chunk
+counts over the budget, a streamed compile not kept; ``memfit.compiler.search.release_streamed``).
 """
 
 from __future__ import annotations
