@@ -31,11 +31,34 @@ EXIT_DOES_NOT_FIT = 3
 
 def _parser() -> argparse.ArgumentParser:
     from memfit import __version__
-    from memfit.planner.cost import DEVICE_PROFILES
 
     p = argparse.ArgumentParser(prog="memfit", description="Make a PyTorch training step fit a memory budget.")
     p.add_argument("--version", action="version", version=f"memfit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_analyze(sub)
+    for name, help_, desc in (
+        (
+            "plan",
+            "plan the step for a budget on fake tensors and write a report",
+            "Trace one training step of TARGET's model on fake tensors (any model size, no real memory), let the "
+            "planner choose what to save, recompute or code (passes=auto) so the step fits the budget at the least "
+            "predicted time, and write the report (HTML, Markdown and JSON).",
+        ),
+        (
+            "bench",
+            "run the step for real, unplanned and planned, and report predicted vs measured",
+            "Build TARGET's model with real tensors, measure a training step compiled plainly (torch.compile) and by "
+            "memfit for the budget, side by side (allocator peak and wall time), and write the report with both.",
+        ),
+    ):
+        _add_plan_or_bench(sub, name, help_, desc)
+    return p
+
+
+def _add_analyze(sub) -> None:
+    from memfit.planner.cost import DEVICE_PROFILES
+    from memfit.techniques import PASSES
+
     a = sub.add_parser(
         "analyze",
         help="the memory model of one training step, on fake tensors",
@@ -60,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "--passes",
         default="auto",
         metavar="LIST",
-        help="comma-separated passes (checkpoint, fewbit, split_backward, stream) or 'auto' (exact passes that change nothing "
+        help=f"comma-separated passes ({', '.join(PASSES)}) or 'auto' (exact passes that change nothing "
         "about when gradients arrive; default)",
     )
     a.add_argument(
@@ -73,51 +96,39 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--top", type=int, default=10, metavar="N", help="how many saved values to list (default: 10)")
     a.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    for name, help_, desc in (
-        (
-            "plan",
-            "plan the step for a budget on fake tensors and write a report",
-            "Trace one training step of TARGET's model on fake tensors (any model size, no real memory), let the "
-            "planner choose what to save, recompute or code (passes=auto) so the step fits the budget at the least "
-            "predicted time, and write the report (HTML, Markdown and JSON).",
-        ),
-        (
-            "bench",
-            "run the step for real, unplanned and planned, and report predicted vs measured",
-            "Build TARGET's model with real tensors, measure a training step compiled plainly (torch.compile) and by "
-            "memfit for the budget, side by side (allocator peak and wall time), and write the report with both.",
-        ),
-    ):
-        q = sub.add_parser(name, help=help_, description=desc)
-        q.add_argument("target", help="path/to/file.py or package.module, optionally :factory (default: factory)")
-        size = q.add_mutually_exclusive_group(required=True)
-        size.add_argument("--budget", metavar="SIZE", help="peak the step may use above resident memory (e.g. 20GiB)")
-        size.add_argument(
-            "--device-memory",
-            metavar="SIZE",
-            help="the whole device (e.g. 80GB); memfit subtracts parameters and optimizer state",
-        )
-        q.add_argument(
-            "--optimizer",
-            default="adamw",
-            help="optimizer whose state is resident, with --device-memory: adamw, adam, sgd, momentum, ... or none "
-            "(default: adamw)",
-        )
-        q.add_argument("--device", choices=DEVICE_PROFILES, default=None, help="device profile for time estimates")
-        q.add_argument("--inner", choices=("inductor", "eager"), default="inductor", help="inner compiler (default: inductor)")
-        q.add_argument("--passes", default="auto", metavar="LIST", help="'auto' (default) or comma-separated pass names")
-        q.add_argument(
-            "--allow-approximation",
-            action="store_true",
-            help="let the planner use few-bit activation gradients (approximate) where they help",
-        )
-        q.add_argument("--report", metavar="PATH", default=f"memfit-{name}.html", help="report path: .html, .md or .json; "
-                       "the other two forms are written beside it (default: %(default)s)")
-        q.add_argument("--title", default=None, help="title of the report (default: the target)")
-        if name == "bench":
-            q.add_argument("--repeat", type=int, default=3, metavar="N", help="timed steps per configuration (default: 3)")
-        q.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+
+def _add_plan_or_bench(sub, name: str, help_: str, desc: str) -> None:
+    from memfit.planner.cost import DEVICE_PROFILES
+
+    q = sub.add_parser(name, help=help_, description=desc)
+    q.add_argument("target", help="path/to/file.py or package.module, optionally :factory (default: factory)")
+    size = q.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", metavar="SIZE", help="peak the step may use above resident memory (e.g. 20GiB)")
+    size.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="the whole device (e.g. 80GB); memfit subtracts parameters and optimizer state",
+    )
+    q.add_argument(
+        "--optimizer",
+        default="adamw",
+        help="optimizer whose state is resident, with --device-memory: adamw, adam, sgd, momentum, ... or none "
+        "(default: adamw)",
+    )
+    q.add_argument("--device", choices=DEVICE_PROFILES, default=None, help="device profile for time estimates")
+    q.add_argument("--inner", choices=("inductor", "eager"), default="inductor", help="inner compiler (default: inductor)")
+    q.add_argument("--passes", default="auto", metavar="LIST", help="'auto' (default) or comma-separated pass names")
+    q.add_argument(
+        "--allow-approximation",
+        action="store_true",
+        help="let the planner use few-bit activation gradients (approximate) where they help",
+    )
+    q.add_argument("--report", metavar="PATH", default=f"memfit-{name}.html", help="report path: .html, .md or .json; "
+                   "the other two forms are written beside it (default: %(default)s)")
+    q.add_argument("--title", default=None, help="title of the report (default: the target)")
+    if name == "bench":
+        q.add_argument("--repeat", type=int, default=3, metavar="N", help="timed steps per configuration (default: 3)")
+    q.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 class _Progress:
