@@ -366,7 +366,7 @@ class Attempt:
             self._fewbit_candidates(ctx, rewritable, base, cands, smallest)
         chosen, exact = choice.choose(cands, budget)
         if chosen is None:
-            margin = choice.plan_margin(self.fused) if "checkpoint" in self.passes else 1.0
+            margin = choice.refusal_margin(self.fused, self.passes)
             err = BudgetError(min(smallest), budget, margin, hints=self.backend.hints(min(smallest), margin))
             if self.backend.strict:
                 raise err

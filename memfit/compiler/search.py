@@ -27,6 +27,7 @@ import torch.fx
 from memfit.compiler.attempt import Attempt, note_and_warn
 from memfit.errors import BudgetError, CantApply, Note, is_note
 from memfit.planner import choice
+from memfit.planner.shapes import has_symbolic_sizes, symbolic_inputs
 from memfit.units import format_bytes
 
 #: compile_one(backend, gm, example_inputs, notes) -> the Attempt kept (raises BudgetError when none fits)
@@ -121,7 +122,7 @@ def compile_inductor(backend, gm, example_inputs, notes) -> Attempt:
 
 def _smallest_plan_target(e: BudgetError, budget: int) -> float:
     """The ``tighten`` that plans for exactly the smallest reachable peak ``e`` names."""
-    return e.smallest_peak / (budget * choice.INDUCTOR_PLAN_MARGIN) * choice.SMALLEST_PLAN_EPS
+    return e.smallest_peak / (budget * choice.plan_margin(fused=True)) * choice.SMALLEST_PLAN_EPS
 
 
 def _smallest_plan_is_new(e: BudgetError, last: _Try, tighten: float, budget: int) -> bool:
@@ -378,10 +379,7 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
 
     notes = list(notes)
     try:
-        if any(not isinstance(x, torch.Tensor) for x in example_inputs) or any(
-            any(not isinstance(s, int) for s in getattr(n.meta.get("example_value"), "shape", ()))
-            for n in gm.graph.nodes if n.op == "placeholder"
-        ):
+        if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True):
             raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)",
                             "dynamic_shapes")
         traced = sp.to_aten(gm, example_inputs)

@@ -20,6 +20,7 @@ from torch._functorch import partitioners as P
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memfit.errors import CantApply
+from memfit.planner.shapes import has_symbolic_sizes
 from memfit.planner.cost import is_random
 
 
@@ -48,8 +49,9 @@ def apply(
     missing = sorted(set(saved) - set(by_name))
     if missing:
         raise CantApply(f"the plan names values that are not in the graph: {missing[:5]}")
-    if any(P.is_sym_node(n) for n in joint.graph.nodes if n.op == "placeholder"):
-        raise CantApply("the graph has symbolic shapes (dynamic=True); checkpoint plans need static shapes for now")
+    if has_symbolic_sizes(joint, placeholders_only=True):
+        raise CantApply("the graph has symbolic shapes (dynamic=True); checkpoint plans need static shapes for now",
+                        "dynamic_shapes")
     primals = [n for n in joint.graph.nodes if P._is_primal(n)]
     # Inputs (parameters, the batch) are resident: handing them to the backward costs nothing, and
     # recomputation may start from any of them.

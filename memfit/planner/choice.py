@@ -58,6 +58,12 @@ def plan_margin(fused: bool) -> float:
     return INDUCTOR_PLAN_MARGIN if fused else 1.0
 
 
+def refusal_margin(fused: bool, passes) -> float:
+    """The margin a refusal states: the planning margin where a checkpoint plan was asked for (it aims at
+    ``plan_margin``), none where only techniques that plan no margin were enabled."""
+    return plan_margin(fused) if "checkpoint" in passes else 1.0
+
+
 def planning_target(budget: int, fused: bool) -> int:
     """The peak a plan aims at for ``budget``."""
     return int(budget * plan_margin(fused))
@@ -156,5 +162,6 @@ __all__ = [
     "keep_streamed",
     "plan_margin",
     "planning_target",
+    "refusal_margin",
     "smallest_peak",
 ]

@@ -143,15 +143,6 @@ def _shape(n) -> tuple[int, ...]:
     return tuple(int(s) for s in v.shape)
 
 
-def _static(gm: torch.fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        v = n.meta.get("val")
-        for t in v if isinstance(v, (list, tuple)) else [v]:
-            if isinstance(t, torch.Tensor) and any(not isinstance(s, int) for s in t.shape):
-                return False
-    return True
-
-
 def _norm(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
@@ -807,8 +798,11 @@ def _nbytes(n) -> int:
     return sum(t.numel() * t.element_size() for t in vals if isinstance(t, torch.Tensor))
 
 
-#: Fewest tokens per chunk the planner picks by itself (a budget can push it down to 16).
+#: Fewest tokens per chunk the planner picks by itself (a budget can push it down to
+#: ``MIN_BUDGET_CHUNK_TOKENS``).
 MIN_CHUNK_TOKENS = 128
+#: Fewest tokens per chunk under any budget: narrower chunks make matmuls too thin to be worth a launch.
+MIN_BUDGET_CHUNK_TOKENS = 16
 #: Most chunks for a region with an attention: its chunk graphs are traced once per prefix length
 #: (about 50 ms each), so 1024 chunks of a 16k sequence would spend a minute tracing.
 MAX_ATTENTION_CHUNKS = 64
@@ -829,12 +823,13 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
     a region left alone keeps Inductor's fused kernels).
     """
     from memfit.errors import CantApply
+    from memfit.planner.shapes import has_symbolic_sizes
 
     seq = seq_len_of(example_inputs)
     if seq is None:
         raise CantApply("no integer [batch, seq] input (input_ids) to stream along")
-    if not _static(gm):
-        raise CantApply("dynamic shapes: streaming needs a static sequence length")
+    if has_symbolic_sizes(gm):
+        raise CantApply("dynamic shapes: streaming needs a static sequence length", "dynamic_shapes")
     if options.stream_attention is not None:
         attention = options.stream_attention
     plan, info = find_regions(gm, seq, options.stream_chunks or 1, needs_grad, attention)
@@ -853,7 +848,7 @@ def plan_stream(gm: torch.fx.GraphModule, example_inputs, options, needs_grad: s
             k = 1
             while r.region_bytes / k > hidden and seq // (2 * k) >= MIN_CHUNK_TOKENS:
                 k *= 2
-            k = min(k * multiplier, max(seq // 16, 1)) if multiplier >= 1 else max(min(k, 2), int(k * multiplier))
+            k = min(k * multiplier, max(seq // MIN_BUDGET_CHUNK_TOKENS, 1)) if multiplier >= 1 else max(min(k, 2), int(k * multiplier))
             if any(isinstance(lay, Tok) and lay.shared_rows for lay in r.input_layouts):
                 k = min(k, MAX_ATTENTION_CHUNKS)
             regions.append(dataclasses.replace(r, chunks=k))
