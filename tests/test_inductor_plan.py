@@ -6,7 +6,6 @@ end of the backward by the ``addmm`` rewrite, and reused buffers, in-place kerne
 output tuple move frees around.
 """
 
-import sys
 
 import pytest
 import torch
