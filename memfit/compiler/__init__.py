@@ -4,6 +4,7 @@
   committed records and the report;
 * ``search``: the searches that run compile attempts and keep one;
 * ``attempt``: one compile attempt as a value (partition callback, inner compile, records);
+* ``planning``: how a partition drives each technique (auto's candidates, named passes, the split);
 * ``inner``: the inner compilers (eager, Inductor with buffer-plan capture, split backward);
 * ``records``: :class:`~memfit.compiler.records.GraphRecord`.
 """
