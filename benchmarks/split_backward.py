@@ -80,12 +80,12 @@ def held_memory(width: int, seq: int, batch: int, checkpoint: bool) -> list[tupl
         compiled = torch.compile(block, backend=backend)
         x = x0.clone().requires_grad_()
         compiled(x).backward(dout)  # compile
-        memfit.run_weight_grads()
         block.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
 
         def memfit_b():
-            compiled(x).backward(dout)
+            with memfit.defer_weight_grads():  # B alone: W queued, its inputs held
+                compiled(x).backward(dout)
 
         nbytes = retained_bytes(memfit_b)
         plan = backend.records[-1].split
@@ -112,7 +112,8 @@ def stage_times(width: int, seq: int, mb: int, repeat: int = 5) -> tuple[float, 
         t0 = time.perf_counter()
         out = compiled(x)
         t1 = time.perf_counter()
-        out.backward(dout)
+        with memfit.defer_weight_grads():  # B now, W below
+            out.backward(dout)
         t2 = time.perf_counter()
         memfit.run_weight_grads()
         t3 = time.perf_counter()

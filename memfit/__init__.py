@@ -8,7 +8,8 @@ Public API (one flat surface: no name here is also a module of the package)::
     memfit.measure(memfit.training_step(compiled, args))   # measured peak bytes and wall time of one step
     memfit.analyze(factory)              # the memory model of a model's step, on fake tensors
     memfit.calibrate_fewbit(model, x)    # measured activation inputs, for few-bit tables
-    memfit.run_weight_grads()            # run the weight gradients a split backward queued
+    memfit.defer_weight_grads()          # a context: a split backward queues its weight gradients (W)
+    memfit.run_weight_grads()            # run the W queued
     memfit.pipelining.pipeline_stage(..) # a memfit-compiled stage for torch.distributed.pipelining
 
 The modules behind them are listed in ``docs/layout.md``. Older spellings keep working:
@@ -22,6 +23,7 @@ from memfit.measurement import Measurement, measure, paired_times, to_loss, trai
 from memfit.runtime import (
     PendingWeightGradsError,
     claim_weight_grads,
+    defer_weight_grads,
     discard_weight_grads,
     pending_weight_grads,
     run_weight_grads,
@@ -70,6 +72,7 @@ __all__ = [
     "backend",
     "calibrate_fewbit",
     "claim_weight_grads",
+    "defer_weight_grads",
     "discard_weight_grads",
     "format_bytes",
     "make_options",

@@ -55,7 +55,6 @@ def pipeline_stage(
     ``options``/keyword arguments are memfit's backend options (``budget``, ``inner``, ...). Give
     ``input_args`` (one microbatch's inputs) so the stage does not trace the module on meta tensors
     to infer shapes."""
-    from torch.distributed.pipelining import PipelineStage
     from torch._dynamo.eval_frame import OptimizedModule
 
     from memfit import MemfitBackend
@@ -67,7 +66,7 @@ def pipeline_stage(
         )
     backend = MemfitBackend(stage_options(options, **kwargs))
     module.compile(backend=backend)
-    stage = PipelineStage(
+    stage = _stage_class()(
         module,
         stage_index,
         num_stages,
@@ -81,6 +80,21 @@ def pipeline_stage(
     )
     stage.memfit_backend = backend  # the records of what was compiled, for reports and tests
     return stage
+
+
+def _stage_class():
+    """``PipelineStage`` whose backward defers W (:func:`memfit.runtime.defer_weight_grads`): the schedule
+    runs the W its ``dw_builder`` claimed when it says W (at once for a full backward, later for ZB)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    from memfit.runtime import defer_weight_grads
+
+    class MemfitPipelineStage(PipelineStage):
+        def backward_one_chunk(self, *args: Any, **kwargs: Any):
+            with defer_weight_grads():
+                return super().backward_one_chunk(*args, **kwargs)
+
+    return MemfitPipelineStage
 
 
 def _examples(args: Any, *, requires_grad: bool):

@@ -1,26 +1,55 @@
 """The weight-gradient queue behind the split backward.
 
 When a graph's backward is split (``passes=[..., "split_backward"]``), autograd's call into the
-compiled backward runs only B: it returns the input gradients (so the previous pipeline stage, or
-the rest of autograd, can go on) and ``None`` for every parameter, and queues a
-:class:`WeightGradTask` holding W and the values B handed to it. Nothing touches ``.grad`` until
-the task runs; then it adds each parameter's gradient into ``.grad`` exactly as autograd's
-``AccumulateGrad`` would (set when ``None``, else add in place; post-accumulate hooks called).
+compiled backward runs B (the input gradients) and W (the weight gradients) as two graphs. What happens
+to W depends on who asked for the split:
+
+* **A plain training loop (the default): W runs in the same backward call**, right after B, and its
+  gradients go back to autograd like any backward's. So ``.grad`` is complete when ``backward()``
+  returns, and everything that reads gradients (``clip_grad_norm_``, ``torch.autograd.grad``, tensor
+  and post-accumulate hooks, DDP/FSDP reductions, ``zero_grad``) sees what eager autograd gives it.
+  Outside a pipeline schedule, a pending W buys nothing and could only be observed half-done.
+* **Inside** :func:`defer_weight_grads` (a pipeline stage's backward, see :mod:`memfit.pipelining`, or
+  a caller that runs W itself): B returns the input gradients with ``None`` for every parameter and
+  queues a :class:`WeightGradTask` holding W and the values B handed to it. Nothing touches ``.grad``
+  until the task runs; then it adds each parameter's gradient into ``.grad`` as autograd's
+  ``AccumulateGrad`` would (the parameter's tensor hooks applied first, then set when ``None`` or added
+  in place, then its post-accumulate hooks).
+
+While a W is queued, a read that would see a partial gradient raises :class:`PendingWeightGradsError`
+naming the fix: an optimizer ``step()`` (a step pre-hook, for every optimizer), ``Module.zero_grad()``
+and ``Optimizer.zero_grad()`` (W would later add last step's gradient into the cleared one),
+``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` / ``clip_grads_with_norm_`` over parameters
+with W queued. ``torch.autograd.grad`` never defers (it returns gradients, it does not accumulate them):
+inside :func:`defer_weight_grads` its W runs in the call. Those guards are installed when deferral is
+first used; what they cannot cover:
+
+* a clip function bound to a name before that (``from torch.nn.utils import clip_grad_norm_`` at the top
+  of a script) is the unguarded function: it clips what is there. The optimizer check still refuses a
+  step while W is queued;
+* DDP and FSDP reduce gradients from hooks on each parameter's gradient accumulator, which a deferred W
+  does not pass through: do not defer W under them (a pipeline stage wrapped in DDP included);
+* code that reads ``p.grad`` directly sees ``None`` (or the previous microbatches' sum) until W runs;
+* a parameter's gradient hooks (``p.register_hook``, ``p.register_post_accumulate_grad_hook``) are
+  called by autograd during the backward, with ``None`` were its W queued: so a graph whose parameters
+  have such hooks runs W in the backward call even inside :func:`defer_weight_grads` (hooks registered
+  between B and W are called when W lands).
 
 * :func:`run_weight_grads` runs every queued task (oldest first): call it before the optimizer step.
 * :func:`claim_weight_grads` takes the tasks queued since the last claim and returns a runner for
   them: a pipeline stage's ``dw_builder`` (see :mod:`memfit.pipelining`).
-* An optimizer step with tasks still queued for its parameters raises :class:`PendingWeightGradsError`
-  instead of stepping with incomplete gradients (Megatron-DeepSpeed#442 lost them silently).
+* :func:`discard_weight_grads` drops them (after an exception mid-step).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,10 +58,37 @@ _lock = threading.Lock()
 _unclaimed: list["WeightGradTask"] = []
 _outstanding: "OrderedDict[int, WeightGradTask]" = OrderedDict()
 _hook_handle = None
+_defer_depth = 0  # > 0: inside defer_weight_grads(), W is queued (process-wide: CUDA runs backward on engine threads)
+_suspend_depth = 0  # > 0: inside torch.autograd.grad, which returns gradients and so never defers
+_guards_installed = False
 
 
 class PendingWeightGradsError(RuntimeError):
-    """An optimizer stepped while weight gradients of its parameters were still queued."""
+    """Something read (or reset) gradients while weight gradients of its parameters were still queued."""
+
+
+@contextlib.contextmanager
+def defer_weight_grads() -> Iterator[None]:
+    """Within this context, a split backward queues W (the weight gradients) instead of running it:
+    call :func:`run_weight_grads` (or a pipeline schedule's W step) before anything reads ``.grad``.
+
+    A pipeline stage from :func:`memfit.pipelining.pipeline_stage` runs its backward in this context.
+    Outside it, W runs in the backward call and ``.grad`` is complete when ``backward()`` returns."""
+    global _defer_depth
+    _install_guards()
+    with _lock:
+        _defer_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _defer_depth -= 1
+
+
+def deferring() -> bool:
+    """Whether a split backward called now queues W (inside :func:`defer_weight_grads`, and not inside
+    ``torch.autograd.grad``)."""
+    return _defer_depth > 0 and _suspend_depth == 0
 
 
 @dataclass(eq=False)
@@ -101,12 +157,35 @@ class SplitBackward:
         grads: list = [None] * self.n_outputs
         for pos, g in zip(self.plan.input_outputs, outs[:nb]):
             grads[pos] = g
-        enqueue(WeightGradTask(self.name, self.run_w, outs[nb:], params))
+        if deferring() and not any(_hooked(p) for p in params):
+            enqueue(WeightGradTask(self.name, self.run_w, outs[nb:], params))
+            return grads
+        # Not deferred, or a parameter has gradient hooks (autograd calls them in this backward, with None
+        # if W were queued: a hook expects a gradient, so such a graph's W is not deferred).
+        # W now, its gradients handed to autograd with B's (AccumulateGrad, hooks and autograd.grad then see
+        # exactly what an unsplit backward gives them).
+        handoff = outs[nb:]
+        del outs
+        with torch.no_grad():
+            wgrads = self.run_w(handoff)  # boxed: clears the hand-off, so its values die at their last use
+        for pos, g in zip(self.plan.weight_outputs, wgrads):
+            grads[pos] = g
         return grads
 
 
+def _hooked(p: torch.Tensor) -> bool:
+    """Whether autograd calls hooks of ``p`` when its gradient is accumulated (tensor hooks, post-accumulate
+    hooks): it calls them in the backward even when the gradient is ``None``."""
+    return bool(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None))
+
+
 def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    """What ``AccumulateGrad`` does with a new gradient ``g`` for leaf ``p``."""
+    """What ``AccumulateGrad`` does with a new gradient ``g`` for leaf ``p``: its tensor hooks
+    (``p.register_hook``) first, each may replace ``g``; then accumulate; then its post-accumulate hooks."""
+    for hook in list((getattr(p, "_backward_hooks", None) or {}).values()):
+        out = hook(g)
+        if out is not None:
+            g = out
     with torch.no_grad():
         if p.grad is None:
             if g.stride() != p.stride():  # the layout contract: .grad has its parameter's strides
@@ -186,6 +265,105 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
         )
 
 
+def _pending_for(params) -> list[WeightGradTask]:
+    pending = pending_weight_grads()
+    if not pending:
+        return []
+    ids = {id(p) for p in params}
+    return [t for t in pending if any(id(p) in ids for p in t.params)]
+
+
+def _refuse(what: str, tasks: list[WeightGradTask]) -> None:
+    graphs = sorted({t.graph for t in tasks})
+    raise PendingWeightGradsError(
+        f"memfit: {what} with {len(tasks)} weight-gradient task(s) still queued for these parameters (split backward "
+        f"of graph(s) {', '.join(graphs)}): their .grad is incomplete. Call memfit.run_weight_grads() first (a "
+        "pipeline schedule runs them as W steps), or memfit.discard_weight_grads() to drop them"
+    )
+
+
+def _params_of(parameters) -> list:
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    return list(parameters)
+
+
+def _guard_params(fn: Callable, what: str) -> Callable:
+    """``fn(parameters, ...)`` that refuses while W is queued for any of ``parameters``."""
+
+    @functools.wraps(fn)
+    def guarded(parameters, *args, **kwargs):
+        if _outstanding:
+            parameters = _params_of(parameters)  # a generator is consumed once: hand fn the list
+            tasks = _pending_for(parameters)
+            if tasks:
+                _refuse(what, tasks)
+        return fn(parameters, *args, **kwargs)
+
+    guarded.__memfit_guard__ = fn  # type: ignore[attr-defined]
+    return guarded
+
+
+def _guard_zero_grad(fn: Callable, params_of: Callable, what: str) -> Callable:
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        if _outstanding:
+            tasks = _pending_for(params_of(self))
+            if tasks:
+                _refuse(what, tasks)
+        return fn(self, *args, **kwargs)
+
+    guarded.__memfit_guard__ = fn  # type: ignore[attr-defined]
+    return guarded
+
+
+def _no_defer(fn: Callable) -> Callable:
+    """``torch.autograd.grad`` returns gradients instead of accumulating them: a W queued inside it would
+    leave its results ``None``, so inside it W runs in the backward call."""
+
+    @functools.wraps(fn)
+    def grad(*args, **kwargs):
+        global _suspend_depth
+        with _lock:
+            _suspend_depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _lock:
+                _suspend_depth -= 1
+
+    grad.__memfit_guard__ = fn  # type: ignore[attr-defined]
+    return grad
+
+
+def _install_guards() -> None:
+    """Install, once, what refuses a read of a partial gradient while W is queued (see the module
+    docstring for what they cover and what they cannot)."""
+    global _guards_installed
+    if _guards_installed:
+        return
+    import torch.nn.utils as nn_utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    _install_optimizer_check()
+    for name in ("clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_"):
+        for mod in (nn_utils, clip_grad):
+            fn = getattr(mod, name, None)
+            if fn is not None and not hasattr(fn, "__memfit_guard__"):
+                setattr(mod, name, _guard_params(fn, f"torch.nn.utils.{name}() called"))
+    module_zero = torch.nn.Module.zero_grad
+    if not hasattr(module_zero, "__memfit_guard__"):
+        torch.nn.Module.zero_grad = _guard_zero_grad(
+            module_zero, lambda m: m.parameters(), "Module.zero_grad() called")
+    optim_zero = torch.optim.Optimizer.zero_grad
+    if not hasattr(optim_zero, "__memfit_guard__"):
+        torch.optim.Optimizer.zero_grad = _guard_zero_grad(
+            optim_zero, lambda o: [p for g in o.param_groups for p in g["params"]], "Optimizer.zero_grad() called")
+    if not hasattr(torch.autograd.grad, "__memfit_guard__"):
+        torch.autograd.grad = _no_defer(torch.autograd.grad)
+    _guards_installed = True
+
+
 def _install_optimizer_check() -> None:
     global _hook_handle
     if _hook_handle is None:
@@ -196,6 +374,8 @@ def _install_optimizer_check() -> None:
 
 __all__ = [
     "PendingWeightGradsError",
+    "defer_weight_grads",
+    "deferring",
     "WeightGradTask",
     "claim_weight_grads",
     "discard_weight_grads",

@@ -115,6 +115,14 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
             pstages.append(
                 pipeline_stage(stages[s], s, n_stages, "cpu", input_args=(mb,), output_args=(mb,), inner=inner)
             )
+        claimed: list[int] = []  # W tasks each backward left for the schedule (0 would mean W was not deferred)
+        for ps in pstages:
+            def counted(build=ps.dw_builder):
+                run = build()
+                claimed.append(len(run.tasks))
+                return run
+
+            ps.dw_builder = counted
         cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "ZB1P": ScheduleInterleavedZeroBubble,
                "ZBV": ScheduleZBVZeroBubble}[schedule]
         sched = cls(pstages if cls in (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble) else pstages[0],
@@ -140,6 +148,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
             times.append(time.perf_counter() - t0)
         result["times"] = times
         result["pending_after_step"] = len(memfit.runtime.pending_weight_grads())
+        result["claimed_w"] = claimed
         holder = (2 * world - 1) if schedule == "ZBV" else world - 1
         if losses:
             result["loss"] = float(sum(l.item() for l in losses) / n_micro)

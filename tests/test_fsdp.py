@@ -78,3 +78,19 @@ def test_memfit_compiled_and_planned_under_fsdp(results):
     # recomputed against 9 / 36, the same 362,752-byte predicted peak) for the identical graph
     assert len({r["budget"] for r in results}) == 1
     assert len({tuple(rec["before_peak"] for rec in r["records"]) for r in results}) == 1
+
+
+@pytest.mark.slow
+def test_split_backward_under_fsdp_reduces_every_weight_gradient(tmp_path):
+    """A split backward in a plain FSDP2 loop: W runs in the backward call, so FSDP's reduce-scatter
+    (driven by hooks on each parameter's gradient accumulator) sees every weight gradient, and the
+    gradients and trained parameters equal the single-process reference."""
+    results = launch(2, str(tmp_path), steps=2, optimizer="sgd", inner="eager", passes=("split_backward",),
+                     budget_fraction=None, timeout_s=300)
+    for r in _ok(results):
+        assert r["records"] and all(any(n.startswith("split backward: ") for n in rec["notes"]) for rec in r["records"])
+        for i, step in enumerate(r["steps"]):
+            assert step["loss"] == pytest.approx(step["ref_loss"], rel=1e-6), (r["rank"], i)
+            errs = step["grad_rel_err"]
+            assert errs and not [n for n, e in errs.items() if e is None or e > TOL], errs
+        assert r["param_rel_err"] and max(r["param_rel_err"].values()) <= TOL

@@ -12,6 +12,7 @@ def _check(results, schedule):
     for r in results:
         assert r["ok"], r.get("error")
         assert r["pending_after_step"] == 0  # every W ran inside the schedule
+        assert r["claimed_w"] and all(n >= 1 for n in r["claimed_w"]), r["claimed_w"]  # deferred to the schedule
         assert r["split_graphs"] >= 1  # the stage's backward really was split
         assert r["grad_rel_err"] and all(e is not None and e <= 1e-5 for e in r["grad_rel_err"].values()), r["grad_rel_err"]
         if schedule in ("ZB1P", "ZBV"):

@@ -285,7 +285,8 @@ def _step(model, inputs, fn) -> Step:
     for x in inputs:
         x.grad = None
     loss = fn(*inputs)
-    loss.backward()
+    with runtime.defer_weight_grads():  # a split backward queues W (structure checked), then W runs below
+        loss.backward()
     deferred = tuple(n for n, p in model.named_parameters() if p.grad is None)
     tasks = runtime.run_weight_grads()  # the split backward's queued W (none otherwise)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

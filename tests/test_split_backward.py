@@ -79,7 +79,8 @@ def test_b_then_w_equals_unsplit_backward(name, inner):
         model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
         loss = to_loss(compiled(*args, **kwargs))
-        loss.backward()
+        with memfit.defer_weight_grads():
+            loss.backward()
         # after B: every parameter's .grad untouched, the input gradients there, W queued
         assert all(p.grad is None for p in model.parameters())
         assert runtime.pending_weight_grads()
@@ -110,7 +111,8 @@ def test_eight_microbatches_accumulate():
     idx, targets = args
     mbs = [(torch.roll(idx, i, 1), torch.roll(targets, i, 1)) for i in range(8)]
     for mb in mbs:
-        to_loss(compiled(*mb)).backward()
+        with memfit.defer_weight_grads():
+            to_loss(compiled(*mb)).backward()
         assert all(p.grad is None for p in model.parameters())
     assert len(runtime.pending_weight_grads()) == 8
     runtime.run_weight_grads()
@@ -124,10 +126,12 @@ def test_eight_microbatches_accumulate():
 def test_existing_grads_untouched_by_b_and_added_by_w():
     model, args, kwargs = build("mlp")
     compiled = torch.compile(model, backend=_split_backend())
-    to_loss(compiled(*args)).backward()
+    with memfit.defer_weight_grads():
+        to_loss(compiled(*args)).backward()
     runtime.run_weight_grads()
     first = _grads(model)
-    to_loss(compiled(*args)).backward()
+    with memfit.defer_weight_grads():
+        to_loss(compiled(*args)).backward()
     assert _grads(model).keys() == first.keys()
     for k, g in _grads(model).items():
         assert torch.equal(g, first[k])  # B left them alone
@@ -148,7 +152,8 @@ def test_one_graph_shared_by_layers_accumulates_into_the_right_parameters():
     h, r = x, x
     for c, b in zip(compiled, ref):
         h, r = c(h), b(r)
-    h.pow(2).sum().backward()
+    with memfit.defer_weight_grads():
+        h.pow(2).sum().backward()
     r.pow(2).sum().backward()
     assert len(runtime.pending_weight_grads()) == 3
     assert len({rec.name for rec in backend.records}) == 1  # one compiled graph serves all three
@@ -161,7 +166,8 @@ def test_optimizer_step_with_queued_w_raises_then_works():
     model, args, _ = build("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     compiled = torch.compile(model, backend=_split_backend())
-    to_loss(compiled(*args)).backward()
+    with memfit.defer_weight_grads():
+        to_loss(compiled(*args)).backward()
     with pytest.raises(runtime.PendingWeightGradsError, match="run_weight_grads"):
         opt.step()
     before = [p.detach().clone() for p in model.parameters()]
@@ -176,7 +182,9 @@ def test_other_optimizers_are_not_blocked():
     other.weight.grad = torch.ones_like(other.weight)
     opt = torch.optim.SGD([other.weight], lr=0.1)
     compiled = torch.compile(model, backend=_split_backend())
-    to_loss(compiled(*args)).backward()
+    with memfit.defer_weight_grads():
+        to_loss(compiled(*args)).backward()
+    assert runtime.pending_weight_grads()
     opt.step()  # its parameters have nothing queued
 
 
@@ -248,7 +256,8 @@ def test_effect_held_bytes_exact_and_measured():
     x.grad = None
 
     def step():
-        compiled(x).backward(dout)
+        with memfit.defer_weight_grads():
+            compiled(x).backward(dout)
 
     retained = retained_bytes(step)
     # x and dout were allocated before the window: retained = dY1 + gelu, plus x.grad that B returned
