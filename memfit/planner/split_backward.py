@@ -276,8 +276,9 @@ def plan(
     parameter (see :func:`memfit.passes.split_backward.ensure_params`); ``resident``: placeholder
     names that cost nothing to hold (parameters, buffers).
 
-    Kept for the backend's current sequence (``ensure_params``, then this, then ``apply``), which
-    changes the graphs before it can refuse; :func:`plan_split` decides without changing them."""
+    The old sequence (``ensure_params``, then this, then ``apply``) changes the graphs before it can
+    refuse; the compiler uses :func:`plan_split`, which decides without changing them. This stays for the
+    tests that hold the two sequences equal (tests/test_split_backward.py)."""
     return _plan_graph(bw.graph, param_outputs, param_placeholders, resident=resident)
 
 
