@@ -9,6 +9,7 @@ value and lists what is accepted. Byte sizes are parsed by :mod:`memfit.units`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
@@ -95,6 +96,21 @@ def _normalise_passes(passes: Any) -> tuple[str, ...] | str:
     return tuple(out)
 
 
+def _writable_report(path: str) -> str:
+    """``report=`` checked where it enters: a report that cannot be written would otherwise fail after the
+    whole compile, inside Dynamo's ``BackendCompilerFailed``. Its folder is created when the report is
+    written, so the nearest existing ancestor must be a writable folder."""
+    if not path or os.path.isdir(path):
+        raise ValueError(f"report={path!r} is a folder; give a file path such as 'memfit.html' or 'plans/memfit.json'")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"report={path!r} cannot be written: {folder!r} is not a writable folder; give a path "
+                         "in a folder you can write to")
+    return path
+
+
 def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Options:
     """Validate user options (from ``options={...}`` and/or keyword arguments) into :class:`Options`."""
     from memfit.planner.cost import DEVICE_PROFILES
@@ -122,7 +138,7 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
     report = merged.get("report")
     if report is not None and not isinstance(report, (str, bytes)) and not hasattr(report, "__fspath__"):
         raise ValueError(f"report={report!r} must be a file path or None")
-    report = None if report is None else str(report)
+    report = None if report is None else _writable_report(os.fspath(report) if not isinstance(report, bytes) else os.fsdecode(report))
 
     bits = merged.get("fewbit_bits", 2)
     if isinstance(bits, bool) or bits not in (1, 2, 3, 4):

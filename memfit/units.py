@@ -40,11 +40,11 @@ def parse_bytes(value: Any, *, what: str = "budget") -> int | None:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"{what}={value!r} must be a positive number of bytes (or None for no limit)")
-        return value
+        return _whole_bytes(value, value, what)
     if isinstance(value, float):
         if not value > 0 or value != value or value == float("inf"):
             raise ValueError(f"{what}={value!r} must be a positive, finite number of bytes (or None for no limit)")
-        return int(value)
+        return _whole_bytes(value, value, what)
     if isinstance(value, str):
         m = _BYTES_RE.match(value)
         unit = m.group(2).lower() if m else None
@@ -56,8 +56,23 @@ def parse_bytes(value: Any, *, what: str = "budget") -> int | None:
         n = float(m.group(1)) * _UNITS[unit]
         if n <= 0:
             raise ValueError(f"{what}={value!r} must be positive (or None for no limit)")
-        return int(n)
+        return _whole_bytes(n, value, what)
     raise ValueError(f"{what}={value!r} has type {type(value).__name__}; give an int of bytes or a string such as '6GiB'")
+
+
+#: The largest size accepted: far above any device (1 EiB), far below where a float stops counting bytes.
+MAX_BYTES = 2**60
+
+
+def _whole_bytes(n: float, value: Any, what: str) -> int:
+    """``n`` bytes as an int: at least 1 (a budget of half a byte would print as "0 B" and refuse every
+    plan) and at most ``MAX_BYTES`` (a 400-digit string overflowed to ``inf``, then ``OverflowError``)."""
+    if not n < MAX_BYTES:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{what}={shown} is too large: at most {MAX_BYTES} bytes (1 EiB)")
+    if n < 1:
+        raise ValueError(f"{what}={value!r} is less than one byte; give a whole number of bytes or a size such as '6GiB'")
+    return int(n)
 
 
 def format_bytes(n: float | int | None) -> str:

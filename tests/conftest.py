@@ -8,6 +8,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 
+# The tests never read or write the user's cached CPU profile (~/.cache/memfit): they calibrate into a
+# folder of their own (subprocesses inherit it), and a test that recalibrates replaces only that file.
+if "MEMFIT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MEMFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memfit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEMFIT_CACHE_DIR"], True)
+
 
 @pytest.fixture(autouse=True)
 def _reset_dynamo():

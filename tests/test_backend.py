@@ -109,3 +109,33 @@ def test_bf16_autocast_and_frozen_params_match_eager():
             torch.testing.assert_close(p.grad, q.grad)
     bf16 = [b for b in be.records[0].analysis.memory.saved if b.nbytes == 16 * 64 * 2]
     assert bf16, "expected a bf16 activation among the saved values"
+
+
+def test_shared_backend_forgets_a_deleted_models_parameters():
+    """``backend="memfit"`` shares one backend per set of options. With ``device_memory``, what is resident
+    is the parameters of models still alive: after the first model is deleted, the second gets the budget
+    a fresh backend gives it (before, 8 MiB of the first model's parameters stayed counted)."""
+    import gc
+
+    from memfit.compiler.backend import _shared
+
+    opts = {"device_memory": "20MiB", "inner": "eager", "passes": []}
+
+    def compile_one(width):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+        torch.compile(model, backend="memfit", options=opts)(torch.randn(8, width)).sum().backward()
+        return model
+
+    def nbytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    first = compile_one(1024)
+    (be,) = [b for o, b in _shared.items() if o.device_memory == 20 * 2**20 and o.passes == ()]
+    assert sum(be.param_bytes.values()) == nbytes(first) > 8 * 10**6
+    del first
+    torch._dynamo.reset()
+    gc.collect()
+    second = compile_one(256)
+    assert sum(be.param_bytes.values()) == nbytes(second)
+    assert be.step_budget().budget == 20 * 2**20 - nbytes(second)

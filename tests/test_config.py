@@ -75,3 +75,33 @@ def test_bad_option_through_registered_name_is_a_value_error():
     compiled = torch.compile(model, backend="memfit", options={"budget": "six gigs"})
     with pytest.raises(ValueError, match="six gigs"):
         compiled(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("value,message", [
+    ("1" * 400, "is too large: at most"),
+    (10**30, "is too large"),
+    (0.5, "less than one byte"),
+    ("0.5B", "less than one byte"),
+])
+def test_sizes_out_of_range_are_refused_where_they_enter(value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_bytes(value)
+    with pytest.raises(ValueError, match=message):
+        make_options(budget=value)
+    assert parse_bytes("1.5") == 1 and parse_bytes(2**40) == 2**40
+
+
+def test_a_report_that_cannot_be_written_is_refused_at_the_options(tmp_path):
+    import memfit
+
+    with pytest.raises(ValueError, match="is a folder"):
+        make_options(report=str(tmp_path))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not a writable folder"):
+        make_options(report=str(blocker / "sub" / "r.json"))
+    assert make_options(report=str(tmp_path / "new" / "r.md")).report == str(tmp_path / "new" / "r.md")
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(memfit.OptionsError, match="is a folder"):  # through torch.compile: no compile first
+        torch.compile(model, backend="memfit", options={"report": str(tmp_path)})(torch.randn(2, 4))
+

@@ -109,3 +109,45 @@ def test_cpu_calibration_is_real_inside_a_compile(monkeypatch):
     measured = 2 * n**3 / (time.perf_counter() - t0)
     # a fake matmul reports ~20x the real rate; a real calibration lands within noise of a real run
     assert prof.peak_flops(torch.float32) < 5 * measured
+
+
+@pytest.mark.parametrize("bad", [
+    {"fp32_flops": 0.0}, {"bandwidth": float("nan")}, {"launch_s": -1e-6}, {"slowdown": {"fewbit_pack": 0.5}},
+])
+def test_a_cached_profile_that_no_calibration_produces_is_measured_over(tmp_path, monkeypatch, bad):
+    """Zeros (ZeroDivisionError in the cost model), NaN (HiGHS refused it), negative rates (negative
+    times), a slowdown under 1: the file is discarded, the CPU measured again and the file replaced."""
+    import json
+    import math
+
+    from memfit.planner.cost import _cpu_profile_path, calibrate_cpu
+
+    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMFIT_RECALIBRATE", raising=False)
+    calibrate_cpu.cache_clear()
+    good = calibrate_cpu()
+    path = _cpu_profile_path()
+    with open(path) as f:
+        d = json.load(f)
+    d.update(bad)
+    with open(path, "w") as f:
+        json.dump(d, f)
+    calibrate_cpu.cache_clear()
+    try:
+        prof = calibrate_cpu()
+    finally:
+        calibrate_cpu.cache_clear()
+    rates = (prof.peak_flops(torch.float32), prof.bandwidth, prof.launch_s)
+    assert all(math.isfinite(r) and r > 0 for r in rates), rates
+    assert all(v >= 1 for v in prof.slowdown.values()) and prof.slowdown.keys() == good.slowdown.keys()
+    with open(path) as f:
+        again = json.load(f)
+    assert all(math.isfinite(again[k]) and again[k] > 0 for k in ("fp32_flops", "bandwidth", "launch_s"))
+
+
+def test_tests_do_not_touch_the_users_cache():
+    from memfit.planner.cost import _cpu_profile_path
+
+    home = os.path.join(os.path.expanduser("~"), ".cache", "memfit")
+    assert not _cpu_profile_path().startswith(home), _cpu_profile_path()
+

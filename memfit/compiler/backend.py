@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -58,7 +59,11 @@ class MemfitBackend:
         self.param_inputs: tuple[bool, ...] | None = None
         """Which inputs of the graph being compiled are parameters (see GraphPair)."""
         self.param_bytes: dict[int, int] = {}
-        """id -> bytes of every parameter the graphs took (the resident part of ``device_memory``)."""
+        """id -> bytes of every live parameter the graphs took (the resident part of ``device_memory``); a
+        parameter leaves when it is collected."""
+        self.compiled_param_bytes = 0
+        """The parameter bytes at the last commit (what the report states; the CLI's fake parameters are
+        collected once the trace ends)."""
         self.device: torch.device | None = None
         self.curve_points = 8 if options.report else 0
         """Checkpoint plans evaluated per graph, at least (the report's budget-vs-time curve)."""
@@ -101,6 +106,7 @@ class MemfitBackend:
         """Keep what the attempt recorded, and write the report once."""
         self.records.extend(kept.records)
         self.infeasible.extend(kept.infeasible)
+        self.compiled_param_bytes = sum(self.param_bytes.values())
         self._write_report()
         return kept.compiled
 
@@ -116,8 +122,12 @@ class MemfitBackend:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
         self.param_inputs = tuple(isinstance(x, torch.nn.Parameter) for x in example_inputs)
         for x in example_inputs:
-            if isinstance(x, torch.nn.Parameter):
+            if isinstance(x, torch.nn.Parameter) and id(x) not in self.param_bytes:
                 self.param_bytes[id(x)] = x.numel() * x.element_size()
+                # A parameter counts as resident while it lives: the backend ``backend="memfit"`` shares
+                # between compiles with equal options would otherwise count a deleted model's parameters
+                # for the next model (8 MiB of them halved a 20 MiB device_memory budget).
+                weakref.finalize(x, self.param_bytes.pop, id(x), None)
             if isinstance(x, torch.Tensor) and self.device is None:
                 self.device = x.device
 

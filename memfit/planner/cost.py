@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import operator
 import os
 import re
@@ -125,15 +126,22 @@ def _cpu_profile_path() -> str:
 
 
 def _read_cpu_profile(path: str) -> DeviceProfile | None:
+    """The cached profile, or None (measure again, and replace the file) when there is none or it is not
+    one a calibration can produce: every rate finite and positive, every slowdown at least 1. A cache
+    holding zeros made every compile fail in the cost model (ZeroDivisionError), NaN in HiGHS, negative
+    rates gave negative time estimates; a file is never trusted over a measurement."""
     try:
         with open(path) as f:
             d = json.load(f)
-        return _cpu_profile(
-            float(d["fp32_flops"]), float(d["bandwidth"]), float(d["launch_s"]),
-            {str(k): float(v) for k, v in d["slowdown"].items()},
-        )
+        rates = float(d["fp32_flops"]), float(d["bandwidth"]), float(d["launch_s"])
+        slowdown = {str(k): float(v) for k, v in d["slowdown"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no file, or not one of ours: measure
+    if not all(math.isfinite(r) and r > 0 for r in rates) or not all(
+        math.isfinite(v) and v >= 1 for v in slowdown.values()
+    ):
+        return None
+    return _cpu_profile(*rates, slowdown)
 
 
 def _write_cpu_profile(path: str, prof: DeviceProfile) -> None:

@@ -193,7 +193,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
         "before": _summary(before),
         "after": _summary(after),
         "compiled": _summary(compiled) if compiled is not None else None,
-        "param_bytes": sum(getattr(backend, "param_bytes", {}).values()) or None,
+        "param_bytes": getattr(backend, "compiled_param_bytes", 0) or None,
         "graphs": [r.to_json() for r in records],
         "decisions": decisions,
         "decision_groups": aggregate(decisions),
