@@ -123,8 +123,8 @@ def _add_plan_or_bench(sub, name: str, help_: str, desc: str) -> None:
         action="store_true",
         help="let the planner use few-bit activation gradients (approximate) where they help",
     )
-    q.add_argument("--report", metavar="PATH", default=f"memfit-{name}.html", help="report path: .html, .md or .json; "
-                   "the other two forms are written beside it (default: %(default)s)")
+    q.add_argument("--report", metavar="PATH", default=None, help="write the report here: .html, .md or .json, the "
+                   "other two forms beside it (default: none written; the verdict is printed)")
     q.add_argument("--title", default=None, help="title of the report (default: the target)")
     if name == "bench":
         q.add_argument("--repeat", type=int, default=3, metavar="N", help="timed steps per configuration (default: 3)")
@@ -173,7 +173,8 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.planner import report as rp
     from memfit.trace import trace_step
 
-    rp.report_paths(args.report)  # a bad report path fails now, not after planning
+    if args.report:
+        rp.report_paths(args.report)  # a bad report path fails now, not after planning
     progress = _Progress()
     with warnings.catch_warnings():
         if not args.debug:
@@ -183,7 +184,7 @@ def _plan(args: argparse.Namespace) -> int:
         finally:
             progress.done()
     rep = rp.build_report(be, title=args.title or args.target)
-    paths = rp.write(rep, args.report)
+    paths = rp.write(rep, args.report) if args.report else []
     print(rep["verdict"])
     print(f"  {rep['budget_description']}")
     for c in rep["candidates"]:
@@ -192,7 +193,7 @@ def _plan(args: argparse.Namespace) -> int:
             f"  {mark} {c['graph']} {c['label']:<28} peak {format_bytes(c['peak']):>11}  time {c['time_s'] * 1e3:10.2f} ms"
             f"  {'fits' if c['fits'] else 'over'}{'' if c['exact'] else ' (approximate)'}"
         )
-    print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    _wrote(paths)
     for msg in be.infeasible:
         print(msg, file=sys.stderr)
     return EXIT_OK if rep["fits"] and not be.infeasible else EXIT_DOES_NOT_FIT
@@ -209,7 +210,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise TargetError(f"--repeat {args.repeat} must be >= 1")
-    rp.report_paths(args.report)
+    if args.report:
+        rp.report_paths(args.report)
     progress = _Progress()
     model, fargs, fkwargs, loss_fn = build_step(load_factory(args.target), fake=False)
     progress("measuring the step under plain torch.compile")
@@ -229,14 +231,21 @@ def _bench(args: argparse.Namespace) -> int:
         )
     progress.done()
     rep = rp.build_report(be, title=args.title or args.target, measured={"baseline": baseline, "memfit": planned})
-    paths = rp.write(rep, args.report)
+    paths = rp.write(rep, args.report) if args.report else []
     print(rep["verdict"])
     print(f"  measured: plain torch.compile {baseline}; memfit {planned}")
     budget = rep["budget"]["budget"] if rep["budget"] else None
     if budget is not None:
         print(f"  measured peak / budget: {planned.peak_bytes / budget:.3f}")
-    print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    _wrote(paths)
     return EXIT_OK if rep["fits"] else EXIT_DOES_NOT_FIT
+
+
+def _wrote(paths: list[str]) -> None:
+    if paths:
+        print(f"wrote {', '.join(paths)}", file=sys.stderr)
+    else:
+        print("no report written (give --report PATH for HTML, Markdown and JSON)", file=sys.stderr)
 
 
 def _analyze(args: argparse.Namespace) -> int:

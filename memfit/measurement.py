@@ -161,7 +161,7 @@ def paired_times(steps: list[Callable[[], object]], *, rounds: int = 7, device: 
 
 
 def training_step(
-    model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, loss_fn: Callable | None = None
+    model: torch.nn.Module | Callable, args: tuple = (), kwargs: dict | None = None, loss_fn: Callable | None = None
 ) -> Callable[[], None]:
     """A closure for :func:`measure`: forward, loss, backward; its ``before`` sets grads to None.
 
@@ -169,20 +169,46 @@ def training_step(
     of a training run does; the peak then includes the gradients, as the memory model's does. The model's
     output is held until the backward is done (as in ``out = model(x); out.loss.backward()``): the
     memory model counts the forward's outputs as live to the end of the step.
+
+    ``model`` may be a module or any callable, such as a compiled function that calls one (the form the
+    docs advise for a Hugging Face model with its loss): without ``zero_grad``, the leaves whose
+    gradients the first step accumulated are found on its autograd graph and reset before each step.
     """
     kwargs = kwargs or {}
+    leaves: list | None = None if hasattr(model, "zero_grad") else []
 
     def step() -> None:
         out = model(*args, **kwargs)
         loss = to_loss(out, loss_fn)
+        if leaves == []:
+            leaves.extend(_grad_leaves(loss))
         loss.backward()
         del out
 
     def before() -> None:
-        model.zero_grad(set_to_none=True)
+        if leaves is None:
+            model.zero_grad(set_to_none=True)
+        else:
+            for p in leaves:
+                p.grad = None
 
     step.before = before  # type: ignore[attr-defined]
     return step
+
+
+def _grad_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose ``.grad`` a backward of ``loss`` accumulates into (its AccumulateGrad nodes)."""
+    seen, out, stack = set(), [], [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        stack.extend(f for f, _ in getattr(fn, "next_functions", ()))
+    return out
 
 
 def to_loss(out, loss_fn: Callable | None = None) -> torch.Tensor:

@@ -64,3 +64,30 @@ def test_paired_times_alternate_the_steps():
         paired_times([make("a", 0.0)], rounds=0)
     with pytest.raises(ValueError, match="steps must not be empty"):
         paired_times([], rounds=1)
+
+
+def test_training_step_of_a_compiled_function_resets_its_parameters_grads():
+    """The form the docs advise for a model called with its loss: a compiled function, which has no
+    ``zero_grad``. Each measured step starts with the parameters' gradients unset, so the peak counts
+    the gradients allocated afresh, as for the module itself."""
+    import memfit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    x = torch.randn(64, 256)
+
+    @torch.compile(backend=memfit.backend(inner="eager", passes=[]))
+    def loss_of(inp):
+        return model(inp).pow(2).mean()
+
+    as_function = measure(memfit.training_step(loss_of, (x,)), repeat=1)
+    assert all(p.grad is not None for p in model.parameters())  # the step trained them
+
+    def by_hand():
+        loss_of(x).backward()
+
+    by_hand.before = lambda: model.zero_grad(set_to_none=True)
+    reference = measure(by_hand, repeat=1)
+    grads = sum(p.numel() * 4 for p in model.parameters())
+    assert as_function.peak_bytes >= grads  # gradients allocated afresh in every measured step
+    assert abs(as_function.peak_bytes - reference.peak_bytes) <= 0.01 * reference.peak_bytes, (as_function, reference)

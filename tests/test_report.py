@@ -176,3 +176,15 @@ var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSO
         dark = sum(crop.histogram()[:128]) / (crop.width * crop.height)
         assert dark > 0.002, f"{part}: no text or lines drawn ({dark:.4f} dark pixels)"
     assert boxes["verdict"][1] < boxes["plot"][1] < boxes["decisions"][1]
+
+
+def test_cli_writes_nothing_unless_asked_and_bench_reports_are_titled_bench(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    target = os.path.join(ROOT, "examples/mlp.py:small")
+    assert main(["plan", target, "--budget", "1GiB", "--inner", "eager"]) == 0
+    assert main(["bench", target, "--budget", "1GiB", "--inner", "eager", "--repeat", "1"]) == 0
+    assert not os.listdir(tmp_path)  # nothing in the current folder
+    assert "no report written (give --report PATH" in capsys.readouterr().err
+    assert main(["bench", target, "--budget", "1GiB", "--inner", "eager", "--repeat", "1", "--report", "b.md"]) == 0
+    assert (tmp_path / "b.md").read_text().startswith("# memfit bench: ")
+    assert "<h1>memfit bench: " in (tmp_path / "b.html").read_text()

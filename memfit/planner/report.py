@@ -280,6 +280,11 @@ def verdict(rep: dict) -> str:
 # -- writers ---------------------------------------------------------------------------------
 
 
+def _kind(rep: dict) -> str:
+    """The report's heading: a measured run (``memfit bench``) or a plan."""
+    return "memfit bench" if rep.get("measured") else "memfit plan"
+
+
 def report_paths(path: str) -> list[str]:
     """The files a report at ``path`` is written as: ``path`` and the other two forms beside it (same
     stem). Raises ValueError for an extension that is not .html, .htm, .md or .json; the CLI calls it
@@ -334,7 +339,7 @@ def _measured_rows(rep: dict) -> list[tuple[str, str, str, str]]:
 
 
 def to_markdown(rep: dict) -> str:
-    L = [f"# memfit plan{': ' + rep['title'] if rep['title'] else ''}", "", f"**{rep['verdict']}**", ""]
+    L = [f"# {_kind(rep)}{': ' + rep['title'] if rep['title'] else ''}", "", f"**{rep['verdict']}**", ""]
     L.append(f"- budget: {rep['budget_description']}")
     L.append(
         f"- before: peak {format_bytes(rep['before']['peak_bytes'])} (at {rep['before']['peak_at']}), saved activations "
@@ -487,8 +492,8 @@ def to_html(rep: dict) -> str:
     cls = "fits" if rep["fits"] else "nofit"
     H = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>memfit plan {e(rep['title'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>memfit plan{': ' + e(rep['title']) if rep['title'] else ''}</h1>",
+        f"<title>{_kind(rep)} {e(rep['title'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_kind(rep)}{': ' + e(rep['title']) if rep['title'] else ''}</h1>",
         f"<div id='verdict' class='{cls}'>{e(rep['verdict'])}</div>",
         f"<p class='muted'>{e(rep['budget_description'])}. Predictions: {e(rep['device_profile'])} roofline and memfit's "
         f"memory model; memfit {e(rep['memfit_version'])}, {e(rep['created'])}.</p>",
