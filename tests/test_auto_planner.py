@@ -183,3 +183,20 @@ def test_auto_streams_only_where_no_exact_plan_fits_without_it():
     torch.compile(copy.deepcopy(model), backend=be)(idx, tgt).backward()
     rec = be.records[-1]
     assert rec.plan is not None and not any(n.target is torch.ops.memfit.stream.default for n in rec.pair.forward.graph.nodes)
+
+
+def test_auto_does_not_warn_about_a_stream_pass_nobody_named():
+    """``passes="auto"`` considers streaming only as a last resort; on a model with nothing to stream the
+    refusal is a note in the record (and the report), not a warning for a pass the user never named."""
+    import warnings
+
+    model, inputs = _mlp(batch=64, width=64, depth=2)
+    be = memfit.backend(budget=1024, inner="eager")
+    be.strict = False  # keep the smallest-peak plan and its notes instead of raising
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend=be)(*inputs).backward()
+    assert not [w for w in caught if "stream pass not applied" in str(w.message)], [str(w.message) for w in caught]
+    (rec,) = be.records
+    assert any(n.startswith("stream: not applied: no integer [batch, seq] input") for n in rec.notes), rec.notes
+    assert be.infeasible  # and the budget is not met: said, not hidden

@@ -204,7 +204,8 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
     why = ("only a few-bit (approximate) plan fits" if only_fewbit
            else f"no plan fits without it (smallest peak {format_bytes(plain.peak)})")
     notes = [Note(f"auto: {why}; streaming the token-wise regions along the sequence", "auto", "retry")]
-    streamed_gm, notes = stream(backend, gm, example_inputs, notes)
+    # the user did not name the pass: a refusal is a note in the record (and the report), not a warning
+    streamed_gm, notes = stream(backend, gm, example_inputs, notes, warn=False)
     if streamed_gm is gm:  # nothing to stream; the plain compile stands, with the reason
         for r in plain.records[:1]:
             r.notes.extend(notes)
@@ -273,7 +274,7 @@ class _Streamed(NamedTuple):
     notes: list
 
 
-def stream(backend, gm, example_inputs, notes: Sequence[str] = ()) -> tuple[torch.fx.GraphModule, list]:
+def stream(backend, gm, example_inputs, notes: Sequence[str] = (), *, warn: bool = True) -> tuple[torch.fx.GraphModule, list]:
     """Run the stream pass on the Dynamo graph (before AOTAutograd); returns the graph and the notes
     (``notes`` plus the pass's) for the graph's record.
 
@@ -298,7 +299,7 @@ def stream(backend, gm, example_inputs, notes: Sequence[str] = ()) -> tuple[torc
     for i, (largest, mult, attention) in enumerate(tries):
         if got.graph is not gm:
             release_streamed(got.graph)  # the previous try: over the budget
-        got = stream_once(backend, gm, example_inputs, start + retries, mult, largest, attention=attention)
+        got = stream_once(backend, gm, example_inputs, start + retries, mult, largest, attention=attention, warn=warn)
         if got.graph is gm or i == len(tries) - 1:
             break
         peak = predicted_peak(backend, got.graph, example_inputs)
@@ -371,9 +372,10 @@ def region_count(backend, gm, example_inputs) -> int:
 
 
 def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: int | None = None,
-                apply: bool = True, attention: bool = False) -> _Streamed:
+                apply: bool = True, attention: bool = False, warn: bool = True) -> _Streamed:
     """Plan the stream pass for ``gm`` (the ``largest`` regions, chunk counts times ``multiplier``,
-    attentions by query chunks or not) and carry the plan out on an ATen copy of ``gm``."""
+    attentions by query chunks or not) and carry the plan out on an ATen copy of ``gm``. A refusal is a
+    note, and a warning when ``warn`` (the user named the pass)."""
     from memfit.passes import stream as sp
     from memfit.planner.stream import plan_stream
 
@@ -392,7 +394,8 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
         sp.apply(traced, plan, need, info.layout)
     except CantApply as e:
         notes.append(e.note("stream"))
-        warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=4)
+        if warn:
+            warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=4)
         return _Streamed(gm, None, notes)
     notes.extend(Note(n, "stream") for n in plan.notes)
     return _Streamed(traced, plan, notes)
