@@ -249,23 +249,18 @@ def discard_weight_grads() -> int:
     return n
 
 
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _check_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    pending = pending_weight_grads()
-    if not pending:
-        return
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    mine = [t for t in pending if any(id(p) in ids for p in t.params)]
-    if mine:
-        graphs = sorted({t.graph for t in mine})
-        raise PendingWeightGradsError(
-            f"memfit: {type(optimizer).__name__}.step() called with {len(mine)} weight-gradient task(s) still queued "
-            f"for its parameters (split backward of graph(s) {', '.join(graphs)}): their .grad is incomplete. "
-            "Call memfit.run_weight_grads() after backward (a pipeline schedule runs them as W steps), or "
-            "memfit.discard_weight_grads() to drop them"
-        )
+    tasks = _pending_for(_optimizer_params(optimizer))
+    if tasks:
+        _refuse(f"{type(optimizer).__name__}.step() called", tasks)
 
 
 def _pending_for(params) -> list[WeightGradTask]:
+    """The queued tasks that will accumulate into any of ``params``."""
     pending = pending_weight_grads()
     if not pending:
         return []
@@ -276,42 +271,30 @@ def _pending_for(params) -> list[WeightGradTask]:
 def _refuse(what: str, tasks: list[WeightGradTask]) -> None:
     graphs = sorted({t.graph for t in tasks})
     raise PendingWeightGradsError(
-        f"memfit: {what} with {len(tasks)} weight-gradient task(s) still queued for these parameters (split backward "
+        f"memfit: {what} with {len(tasks)} weight-gradient task(s) still queued for its parameters (split backward "
         f"of graph(s) {', '.join(graphs)}): their .grad is incomplete. Call memfit.run_weight_grads() first (a "
         "pipeline schedule runs them as W steps), or memfit.discard_weight_grads() to drop them"
     )
 
 
-def _params_of(parameters) -> list:
-    if isinstance(parameters, torch.Tensor):
-        return [parameters]
-    return list(parameters)
+def _clip_params(parameters) -> tuple[list, list]:
+    """A clip function's first argument as a list (a generator is consumed once: the function gets it)."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    return params, params
 
 
-def _guard_params(fn: Callable, what: str) -> Callable:
-    """``fn(parameters, ...)`` that refuses while W is queued for any of ``parameters``."""
+def _guard(fn: Callable, what: str, params_of: Callable) -> Callable:
+    """``fn(first, ...)`` that refuses while W is queued for the parameters ``params_of(first)`` names
+    (it returns the first argument to call ``fn`` with, and the parameters)."""
 
     @functools.wraps(fn)
-    def guarded(parameters, *args, **kwargs):
+    def guarded(first, *args, **kwargs):
         if _outstanding:
-            parameters = _params_of(parameters)  # a generator is consumed once: hand fn the list
-            tasks = _pending_for(parameters)
+            first, params = params_of(first)
+            tasks = _pending_for(params)
             if tasks:
                 _refuse(what, tasks)
-        return fn(parameters, *args, **kwargs)
-
-    guarded.__memfit_guard__ = fn  # type: ignore[attr-defined]
-    return guarded
-
-
-def _guard_zero_grad(fn: Callable, params_of: Callable, what: str) -> Callable:
-    @functools.wraps(fn)
-    def guarded(self, *args, **kwargs):
-        if _outstanding:
-            tasks = _pending_for(params_of(self))
-            if tasks:
-                _refuse(what, tasks)
-        return fn(self, *args, **kwargs)
+        return fn(first, *args, **kwargs)
 
     guarded.__memfit_guard__ = fn  # type: ignore[attr-defined]
     return guarded
@@ -350,15 +333,14 @@ def _install_guards() -> None:
         for mod in (nn_utils, clip_grad):
             fn = getattr(mod, name, None)
             if fn is not None and not hasattr(fn, "__memfit_guard__"):
-                setattr(mod, name, _guard_params(fn, f"torch.nn.utils.{name}() called"))
+                setattr(mod, name, _guard(fn, f"torch.nn.utils.{name}() called", _clip_params))
     module_zero = torch.nn.Module.zero_grad
     if not hasattr(module_zero, "__memfit_guard__"):
-        torch.nn.Module.zero_grad = _guard_zero_grad(
-            module_zero, lambda m: m.parameters(), "Module.zero_grad() called")
+        torch.nn.Module.zero_grad = _guard(module_zero, "Module.zero_grad() called", lambda m: (m, m.parameters()))
     optim_zero = torch.optim.Optimizer.zero_grad
     if not hasattr(optim_zero, "__memfit_guard__"):
-        torch.optim.Optimizer.zero_grad = _guard_zero_grad(
-            optim_zero, lambda o: [p for g in o.param_groups for p in g["params"]], "Optimizer.zero_grad() called")
+        torch.optim.Optimizer.zero_grad = _guard(
+            optim_zero, "Optimizer.zero_grad() called", lambda o: (o, _optimizer_params(o)))
     if not hasattr(torch.autograd.grad, "__memfit_guard__"):
         torch.autograd.grad = _no_defer(torch.autograd.grad)
     _guards_installed = True

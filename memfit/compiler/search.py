@@ -262,8 +262,7 @@ def release_streamed(*graphs) -> None:
     from memfit.kernels.stream import release
 
     for g in graphs:
-        if g is not None:
-            release(g.meta.pop("memfit_stream_keys", ()))
+        release(g.meta.pop("memfit_stream_keys", ()))
 
 
 class _Streamed(NamedTuple):
@@ -333,7 +332,8 @@ def fewer_chunks(backend, gm, example_inputs, got: _Streamed, largest, attention
     for frac in choice.FEWER_CHUNK_FRACTIONS:
         wider = stream_once(backend, gm, example_inputs, base_notes, frac, largest, attention=attention)
         if wider.graph is gm or [r.chunks for r in wider.plan.regions] == counts:
-            release_streamed(wider.graph if wider.graph is not gm else None)
+            if wider.graph is not gm:
+                release_streamed(wider.graph)
             break
         peak = predicted_peak(backend, wider.graph, example_inputs)
         if peak is None or peak > limit:
