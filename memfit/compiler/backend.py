@@ -74,6 +74,9 @@ class MemfitBackend:
         report) instead of raising :class:`BudgetError`."""
         self.infeasible: list[str] = []
         """The messages of the graphs no plan fitted (``strict=False``)."""
+        self.model_notes: list[str] = []
+        """Notes about the model rather than one graph (``memfit.hf.compile``'s choice on the logits); the
+        report lists them first."""
         self._graph_ids = itertools.count()
 
     def __repr__(self) -> str:

@@ -169,13 +169,10 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     fits = (budget is None or final.memory.peak_bytes <= budget) and not getattr(backend, "infeasible", None)
     decisions = [d for r in records for d in r.decisions]
     candidates = [dict(c, graph=r.name) for r in records for c in r.candidates]
-    reasons = [
-        f"{r.name}: {n}"
-        for r in records
-        for n in r.notes
-        if getattr(n, "code", None) in REPORTED_REASONS
-    ]
-    notes = [f"{r.name}: {n}" for r in records for n in r.notes]
+    named = [(f"model: {n}", n) for n in getattr(backend, "model_notes", [])]
+    named += [(f"{r.name}: {n}", n) for r in records for n in r.notes]
+    reasons = [text for text, n in named if getattr(n, "code", None) in REPORTED_REASONS]
+    notes = [text for text, _ in named]
     # the budget-vs-time curve of the graph with the largest peak (the one a budget binds)
     big = max(records, key=lambda r: r.analysis.memory.peak_bytes)
     curve_src = next((c for c in big.candidates if c.get("curve")), None)

@@ -1,0 +1,243 @@
+"""Hugging Face models compiled whole with ``memfit.hf.compile``, called as their users call them.
+
+Each family is built from a small config (no weights are downloadable here), trained with
+``model(input_ids=..., labels=...)`` and compared with an eager copy: the loss, every gradient, the
+output's logits (None in training with labels, eager's own in eval and without labels), one Dynamo
+graph, and the measured peak under the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memfit
+import memfit.hf
+from memfit.measurement import peak_bytes_cpu
+
+transformers = pytest.importorskip("transformers")
+
+
+def _family(name: str, vocab: int = 512, layers: int = 2, hidden: int = 64, seq: int = 64):
+    """A small model of family ``name`` (dropout off: gradients are compared with eager's)."""
+    t = transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4)
+    if name == "gpt2":
+        cfg = t.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=seq,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return t.GPT2LMHeadModel(cfg)
+    if name == "llama":
+        return t.LlamaForCausalLM(t.LlamaConfig(num_key_value_heads=2, **common))
+    if name == "gemma2":
+        return t.Gemma2ForCausalLM(t.Gemma2Config(num_key_value_heads=2, head_dim=16, **common))
+    if name == "phi3":
+        return t.Phi3ForCausalLM(t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
+    if name == "qwen2":
+        return t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=2, **common))
+    if name == "bert":
+        return t.BertForMaskedLM(t.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common))
+    raise ValueError(name)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(model, ref, rtol, atol):
+    got, want = _grads(model), _grads(ref)
+    assert got.keys() == want.keys() and want
+    # against the gradients' scale, not each tensor's own: a gradient that is rounding noise (|g| ~ 1e-7)
+    # would fail a per-tensor relative check for no fault of the pass
+    scale = max(g.abs().max().item() for g in want.values())
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol * scale, msg=lambda m: f"grad of {k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "phi3", "bert"])
+def test_whole_model_is_one_graph_without_logits(name):
+    model = _family(name)
+    model.train()
+    ref = copy.deepcopy(model)
+    own_forward = type(model).forward
+    memfit.hf.compile(model, inner="eager", passes=["stream"])
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100  # ignore_index reaches the loss as the model computes it
+
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    want = ref(input_ids=ids, labels=labels)
+    want.loss.backward()
+
+    # numerics: the loss and every gradient (fp32 rounding under inner="eager")
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
+    _assert_grads_close(model, ref, rtol=1e-5, atol=1e-5)
+    # the caller never receives a wrong tensor: no logits in training with labels ...
+    assert out.logits is None and want.logits is not None
+    # structure: one Dynamo graph (GPT-2's loss_function would break it without the pin), and the LM head
+    # and the loss streamed with their gradients in the forward
+    backend = model.memfit.backend
+    assert len(backend.records) == 1 and backend.inference_graphs == 0
+    assert "_loss_function" in model.__dict__
+    notes = backend.records[0].notes
+    assert any("gradients computed in the forward" in n for n in notes), notes
+    # effect: the streamed region held the [tokens, vocab] logits, which are not an output of the graph
+    assert not any(tuple(o.shape[-1:]) == (512,) for o in _graph_outputs(backend))
+
+    # ... and the model's own logits everywhere else: eval mode, no labels, no_grad
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).logits, ref(input_ids=ids, labels=labels).logits)
+    model.train(), ref.train()
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert type(model).forward is own_forward  # the class is untouched: other instances are not compiled
+
+
+def _graph_outputs(backend):
+    """Example values of the forward outputs the caller receives, of every compiled graph."""
+    outs = []
+    for r in backend.records:
+        out = next(n for n in r.pair.forward.graph.nodes if n.op == "output")
+        vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in out.args[0]]
+        outs += [v for v in vals[: r.pair.num_user_outputs] if isinstance(v, torch.Tensor)]
+    return outs
+
+
+def test_not_an_lm_keeps_its_logits_and_says_why(tmp_path):
+    t = transformers
+    torch.manual_seed(0)
+    model = t.LlamaForSequenceClassification(t.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_labels=3, pad_token_id=0))
+    ref = copy.deepcopy(model)
+    memfit.hf.compile(model, inner="eager", report=str(tmp_path / "r.md"))
+    ids = torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2])
+    out = model(input_ids=ids, labels=y)
+    want = ref(input_ids=ids, labels=y)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-6, atol=1e-6)
+    assert not model.memfit.drops_logits
+    report = (tmp_path / "r.md").read_text()
+    assert "model: logits kept: LlamaForSequenceClassification.get_output_embeddings() is None" in report
+
+
+def test_rejects_what_is_not_a_transformers_model():
+    with pytest.raises(TypeError, match=r"torch.compile\(model, backend=memfit.backend"):
+        memfit.hf.compile(torch.nn.Linear(2, 2))
+
+
+def test_save_pretrained_and_generate_untouched(tmp_path):
+    model = _family("llama", vocab=256, layers=1, hidden=32)
+    ref = copy.deepcopy(model)
+    memfit.hf.compile(model, inner="eager")
+    model.train()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.save_pretrained(tmp_path / "m")
+    ref.save_pretrained(tmp_path / "r")
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert a.state_dict().keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=0)
+    model.eval(), ref.eval()
+    g = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(g, ref.generate(ids[:, :4], max_new_tokens=4, do_sample=False))
+    memfit.hf.uncompile(model)
+    assert "forward" not in model.__dict__ and getattr(model, "memfit", None) is None
+
+
+def _peak(fn) -> int:
+    fn()  # compiles (and allocates the gradients once)
+    return peak_bytes_cpu(fn)
+
+
+@pytest.mark.parametrize("name,inner", [("llama", "inductor"), ("gpt2", "eager")])
+def test_auto_fits_four_tenths_of_plain_compile(name, inner):
+    """A 4-layer HF causal LM, 16k vocabulary, 1024 tokens, compiled whole, at 0.4x of plain
+    ``torch.compile``'s measured peak: the measured peak is within the budget and the gradients are eager's."""
+    model = _family(name, vocab=16384, layers=4, hidden=64, seq=1024)
+    model.train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 16384, (1, 1024), generator=torch.Generator().manual_seed(0))
+
+    def step(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, labels=ids)
+            out.loss.backward()
+            return out
+        return run
+
+    plain = torch.compile(ref)
+    plain_peak = _peak(step(plain))
+    budget = int(0.4 * plain_peak)
+    memfit.hf.compile(model, budget=budget, inner=inner)
+    peak = _peak(step(model))
+    # effect: the promise, measured
+    assert peak <= budget, (peak, budget, plain_peak)
+    # numerics: loss and every gradient against eager
+    model.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    want = ref(input_ids=ids, labels=ids)  # eager: the compiled wrapper's module, called uncompiled
+    want.loss.backward()
+    rtol = 1e-3 if inner == "inductor" else 1e-5
+    torch.testing.assert_close(out.loss, want.loss, rtol=rtol, atol=1e-5)
+    _assert_grads_close(model, ref, rtol=rtol, atol=rtol)
+    # structure: one training graph, and the logits were not held by the caller
+    assert len(model.memfit.backend.latest_records()) == 1 and out.logits is None
+
+
+def test_trainer_trains_under_the_budget(tmp_path):
+    """The HF Trainer path: ``memfit.hf.compile`` before the model is handed to ``Trainer``. Accelerate's
+    dynamo plugin takes only its own list of backend names (``TrainingArguments(torch_compile_backend=
+    "memfit")`` raises ``ValueError: 'MEMFIT' is not a valid DynamoBackend``), and a budget could not be
+    passed through it anyway."""
+    pytest.importorskip("accelerate")
+    t = transformers
+    vocab, seq = 4096, 256
+    data = torch.randint(0, vocab, (8, seq), generator=torch.Generator().manual_seed(0))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {"input_ids": data[i], "labels": data[i]}
+
+    def train(model):
+        args = t.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=1, report_to=[],
+            use_cpu=True, save_strategy="no", learning_rate=1e-3, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = t.Trainer(model=model, args=args, train_dataset=Data())
+        peaks, own_step = [], trainer.training_step
+
+        def measured_step(*a, **k):  # forward + backward of one step, measured by the allocator
+            box = []
+            peaks.append(peak_bytes_cpu(lambda: box.append(own_step(*a, **k))))
+            return box[0]
+
+        trainer.training_step = measured_step
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], peaks
+
+    def llama():
+        torch.manual_seed(0)
+        return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+    plain_losses, plain_peaks = train(llama())
+    budget = int(0.35 * min(plain_peaks))  # streaming needed: the logits alone are 8 MiB
+    model = memfit.hf.compile(llama(), budget=budget, inner="eager")
+    losses, peaks = train(model)
+    assert len(losses) == 4
+    assert losses == pytest.approx(plain_losses, rel=1e-4)
+    # the first step compiles (tracing allocates); the steps after it are the training step itself
+    assert max(peaks[1:]) <= budget, ([p / 2**20 for p in peaks], budget / 2**20)
+    records = model.memfit.backend.latest_records()
+    assert len(records) == 1
+    assert any("gradients computed in the forward" in n for n in records[0].notes), records[0].notes
