@@ -11,7 +11,9 @@ included) and the median step time:
 * ``amb=F``: ``torch.compile`` with ``torch._functorch.config.activation_memory_budget = F``;
 * ``checkpoint``: ``torch.utils.checkpoint`` around every transformer layer, under ``torch.compile``;
 * ``memfit=X``: ``torch.compile(backend="memfit")`` with an absolute budget of ``X`` times the
-  ``compile`` configuration's measured peak (``passes="auto"``: the planner chooses per graph).
+  ``compile`` configuration's measured peak (``passes="auto"``: the planner chooses per graph); the HF
+  models through ``memfit.hf.compile(model, budget=...)``, as docs/hf.md tells their users (training
+  outputs with labels then have ``logits=None``).
 
 The table gives each configuration's peak and time and their ratios to ``eager`` and ``compile``;
 for each memfit row, the ratios to per-layer checkpointing and to the ``activation_memory_budget``
@@ -43,6 +45,7 @@ SIZES = {
     "full": (12, 768, 12, 32000, 4, 1024),
 }
 MODELS = ("gpt", "gpt2", "llama", "bert")
+HF_MODELS = ("gpt2", "llama", "bert")
 KINDS = ("eager", "compile", "amb", "checkpoint", "memfit")
 AMB_FRACTIONS = {"tiny": (0.0,), "ci": (0.5, 0.2, 0.0), "full": (0.8, 0.5, 0.2, 0.0)}
 MEMFIT_FRACTIONS = {"tiny": (0.8,), "ci": (0.8, 0.6, 0.45), "full": (0.8, 0.6, 0.45, 0.3)}
@@ -132,8 +135,14 @@ def worker(spec: dict) -> dict:
         run = torch.compile(model)
     elif cfg.startswith("memfit="):
         out["budget"] = spec["budget"]
-        be = memfit.backend(budget=spec["budget"])
-        run = torch.compile(model, backend=be)
+        if spec["model"] in HF_MODELS:
+            import memfit.hf
+
+            run = memfit.hf.compile(model, budget=spec["budget"])
+            be = run.memfit.backend
+        else:
+            be = memfit.backend(budget=spec["budget"])
+            run = torch.compile(model, backend=be)
     else:
         raise SystemExit(f"unknown configuration {cfg!r}")
     step = training_step(run, args, kwargs)

@@ -241,3 +241,43 @@ def test_trainer_trains_under_the_budget(tmp_path):
     records = model.memfit.backend.latest_records()
     assert len(records) == 1
     assert any("gradients computed in the forward" in n for n in records[0].notes), records[0].notes
+
+
+def test_budget_error_names_the_returned_logits():
+    """Compiled whole without the helper, an LM returns its logits; the refusal says how to drop them."""
+    model = _family("llama", vocab=4096, layers=1, hidden=32, seq=256)
+    ids = torch.randint(0, 4096, (1, 256), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=memfit.backend(budget="3MiB", inner="eager", passes=["checkpoint"]))
+    with pytest.raises(memfit.BudgetError, match=r"returns a \[1, 256, 4096\] tensor \(4.00 MiB\).*memfit.hf.compile"):
+        compiled(input_ids=ids, labels=ids)
+
+
+@pytest.mark.parametrize("case", ["cohere_logit_scale_num_items", "llama_shift_labels"])
+def test_loss_arguments_reach_the_streamed_loss(case):
+    """``logit_scale`` epilogues (Cohere), ``num_items_in_batch`` (the Trainer's gradient-accumulation
+    normaliser) and ``shift_labels`` reach the graph as the model computes them, and the LM head and the
+    loss are still streamed."""
+    t = transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    if case.startswith("cohere"):
+        model = t.CohereForCausalLM(t.CohereConfig(logit_scale=0.25, **common))
+        kwargs = {"labels": ids, "num_items_in_batch": torch.tensor(300)}
+    else:
+        model = t.LlamaForCausalLM(t.LlamaConfig(**common))
+        shifted = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        kwargs = {"labels": ids, "shift_labels": shifted}
+    model.train()
+    ref = copy.deepcopy(model)
+    memfit.hf.compile(model, inner="eager", passes=["stream"])
+    out = model(input_ids=ids, **kwargs)
+    out.loss.backward()
+    want = ref(input_ids=ids, **kwargs)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
+    _assert_grads_close(model, ref, rtol=1e-5, atol=1e-5)
+    assert out.logits is None
+    notes = model.memfit.backend.records[0].notes
+    assert any("gradients computed in the forward" in n for n in notes), notes

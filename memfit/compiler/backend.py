@@ -44,6 +44,10 @@ from memfit.techniques import APPROXIMATE, auto_streams, enabled
 from memfit.units import format_bytes
 
 
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(not isinstance(d, int) for d in t.shape)
+
+
 def _requires_grad(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad
 
@@ -74,6 +78,9 @@ class MemfitBackend:
         report) instead of raising :class:`BudgetError`."""
         self.infeasible: list[str] = []
         """The messages of the graphs no plan fitted (``strict=False``)."""
+        self.returned: tuple[int, tuple[int, ...]] | None = None
+        """(bytes, shape) of the largest non-scalar output that requires grad of the graph being compiled: what
+        the caller holds to the end of the step (an HF model's logits); the error's hints name it."""
         self.model_notes: list[str] = []
         """Notes about the model rather than one graph (``memfit.hf.compile``'s choice on the logits); the
         report lists them first."""
@@ -88,6 +95,7 @@ class MemfitBackend:
             self.inference_graphs += 1
             return self._inner_inference(gm, example_inputs)
         self.note_inputs(example_inputs)
+        self.note_outputs(gm)
         compile_one = search.compile_eager if self.options.inner == "eager" else search.compile_inductor
         return self._commit(self._search(compile_one, gm, example_inputs))
 
@@ -133,6 +141,17 @@ class MemfitBackend:
                 weakref.finalize(x, self.param_bytes.pop, id(x), None)
             if isinstance(x, torch.Tensor) and self.device is None:
                 self.device = x.device
+
+    def note_outputs(self, gm: torch.fx.GraphModule) -> None:
+        """Remember the largest tensor the graph returns that requires grad (see ``returned``)."""
+        out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+        vals = [a.meta.get("example_value") for a in (out.all_input_nodes if out is not None else ())]
+        sizes = [
+            (v.numel() * v.element_size(), tuple(v.shape))
+            for v in vals
+            if isinstance(v, torch.Tensor) and v.requires_grad and v.dim() > 0 and not _symbolic(v)
+        ]
+        self.returned = max(sizes) if sizes else None
 
     def next_graph_name(self) -> str:
         """``g0``, ``g1``, ...: one name per partition this backend runs (probes of a search included)."""
@@ -199,6 +218,13 @@ class MemfitBackend:
             hints.append(
                 "allow approximation (allow_approximation=True, or --allow-approximation): few-bit activation "
                 "gradients store 1-4-bit codes instead of activation inputs"
+            )
+        if self.returned is not None and smallest and self.returned[0] * 10 >= smallest:
+            nbytes, shape = self.returned
+            hints.append(
+                f"return less: the graph returns a {list(shape)} tensor ({format_bytes(nbytes)}) that the caller holds to "
+                "the end of the step (an HF model's logits); compile a function that returns the loss alone, or, for a "
+                "transformers model, memfit.hf.compile(model, ...) (training outputs with labels then have logits=None)"
             )
         hints.append(
             "split the model into pipeline stages (memfit.pipelining.pipeline_stage): each stage holds only its own "

@@ -236,9 +236,9 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
         kept, other = (streamed, plain) if choice.keep_streamed(streamed.peak, plain.peak) else (plain, streamed)
         if backend.strict:
             if streamed.peak / margin < plain.peak:
+                why = " (the margin: Inductor's buffer plans do not show a stream op's chunks)" if margin < 1 else ""
                 raise BudgetError(streamed.peak, budget, margin, hints=[
-                    "the smallest peak is with the stream pass (the margin: Inductor's buffer plans do not show "
-                    "a stream op's chunks)", *backend.hints(streamed.peak, margin)])
+                    f"the smallest peak is with the stream pass{why}", *backend.hints(streamed.peak, margin)])
             raise BudgetError(plain.peak, budget, hints=[
                 f"streaming did not lower it (smallest streamed peak {format_bytes(streamed.peak)})",
                 *backend.hints(plain.peak)])
