@@ -47,3 +47,22 @@ def test_bad_arguments_exit_2(capsys):
             acceptance.main(argv)
         assert e.value.code == 2
     assert "choose from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hf_benchmark_smoke_run(tmp_path):
+    """``benchmarks/hf.py`` at a tiny size: compile and memfit side by side, the table with its ratios."""
+    import hf as hf_bench
+
+    out = tmp_path / "hf.md"
+    assert hf_bench.main(["--family", "llama", "--layers", "1", "--width", "32", "--vocab", "4096", "--tokens", "256",
+                          "--configs", "compile,memfit", "--fractions", "0.5", "--rounds", "1", "--out", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "hf.json").read_text())["rows"]}
+    assert set(rows) == {"compile", "memfit=0.5"}
+    assert rows["memfit=0.5"]["budget"] == int(0.5 * rows["compile"]["peak"])
+    assert rows["memfit=0.5"]["peak"] <= rows["memfit=0.5"]["budget"]
+    assert "| memfit=0.5 (budget" in out.read_text()
+    for argv in (["--configs", "memfit"], ["--fractions", "2"], ["--family", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            hf_bench.main(argv)
+        assert e.value.code == 2
