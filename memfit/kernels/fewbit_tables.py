@@ -32,7 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Activations with a table. ReLU and LeakyReLU have piecewise-constant derivatives: exact at 1 bit.
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus", "elu", "mish", "relu", "leaky_relu")
+#: ``quick_gelu`` is ``x * sigmoid(1.702 x)`` (CLIP's, HF's ``QuickGELUActivation``; no ATen op: the
+#: backward is matched as a chain, :mod:`memfit.planner.fewbit_chains`).
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus", "elu", "mish", "relu", "leaky_relu", "quick_gelu")
+QUICK_GELU_SCALE = 1.702
 EXACT_AT_ONE_BIT = ("relu", "leaky_relu")
 BITS = (1, 2, 3, 4)
 
@@ -68,6 +71,9 @@ def derivative(kind: str, x: np.ndarray, param: float | None = None) -> np.ndarr
     if kind == "silu":
         s = _sigmoid(x)
         return s * (1 + x * (1 - s))
+    if kind == "quick_gelu":
+        s = _sigmoid(QUICK_GELU_SCALE * x)
+        return s * (1 + QUICK_GELU_SCALE * x * (1 - s))
     if kind == "sigmoid":
         s = _sigmoid(x)
         return s * (1 - s)

@@ -4,7 +4,10 @@ For each site of a :class:`~memfit.planner.fewbit.FewbitPlan` the joint graph ge
 forward, ``codes = memfit::fewbit_pack(x, boundaries, bits)`` right after the activation's input
 ``x`` is made, and in the backward ``memfit::fewbit_grad(grad, codes, levels, bits)`` in place of
 the derivative op (``gelu_backward(grad, x)`` and the like). The forward value ``f(x)`` is the
-model's own op, untouched.
+model's own op, untouched. For a chain site (an activation written as several ops, such as
+Hugging Face's ``gelu_new``) the whole backward component the planner proved to compute
+``grad * f'(x)`` becomes one ``memfit::fewbit_grad``, and the forward nodes only it read (the
+``3 * x**2`` of GPT-2's GELU) are removed with it.
 
 Partitioning is done from the partition the graph would have had without the pass (AOTAutograd's
 default partition, or Inductor's min-cut): the same values are saved and recomputed, except that
@@ -74,7 +77,8 @@ def _set_meta(node: torch.fx.Node, val: Any, like: torch.fx.Node) -> None:
 
 
 def apply(joint: torch.fx.GraphModule, plan: FewbitPlan) -> dict[str, str]:
-    """Rewrite ``joint`` in place; returns {site's saved value: its codes node}."""
+    """Rewrite ``joint`` in place; returns {site's saved value: its codes node} (for a chain site, each
+    forward value its backward read, and each node removed with it)."""
     by_name = {n.name: n for n in joint.graph.nodes}
     graph = joint.graph
     codes_of: dict[str, str] = {}
@@ -87,16 +91,37 @@ def apply(joint: torch.fx.GraphModule, plan: FewbitPlan) -> dict[str, str]:
                 torch.ops.memfit.fewbit_pack.default, (code_of, list(site.boundaries), site.bits)
             )
         _set_meta(codes, torch.ops.memfit.fewbit_pack.default(code_of.meta["val"], list(site.boundaries), site.bits), code_of)
-        grad = deriv.args[0]
+        grad = by_name.get(site.grad) if site.replaced else deriv.args[0]
+        if grad is None:
+            raise CantApply(f"the plan names the gradient {site.grad}, which is not in the graph")
         with graph.inserting_before(deriv):
             new = graph.call_function(torch.ops.memfit.fewbit_grad.default, (grad, codes, list(site.levels), site.bits))
         _set_meta(new, torch.ops.memfit.fewbit_grad.default(grad.meta["val"], codes.meta["val"], list(site.levels), site.bits), deriv)
         deriv.replace_all_uses_with(new)
         graph.erase_node(deriv)
         codes_of[site.saved] = codes.name
+        if site.replaced:
+            for name in (*site.also_saved, *_erase_dead(graph, [by_name[n] for n in site.replaced if n != site.backward])):
+                codes_of[name] = codes.name
     graph.lint()
     joint.recompile()
     return codes_of
+
+
+def _erase_dead(graph: torch.fx.Graph, start: list[torch.fx.Node]) -> list[str]:
+    """Erase ``start`` (a chain site's backward component, now unused) and whatever only it read;
+    returns the names erased."""
+    erased: list[str] = []
+    stack = list(start)
+    while stack:
+        n = stack.pop()
+        if n.graph is not graph or n.users or n.op != "call_function" or n.name in erased:
+            continue
+        inputs = n.all_input_nodes
+        erased.append(n.name)
+        graph.erase_node(n)
+        stack.extend(inputs)
+    return erased
 
 
 def decompose(gm: torch.fx.GraphModule, targets: Iterable[Any], table: dict | None = None) -> int:
@@ -166,17 +191,21 @@ def saved_after(joint: torch.fx.GraphModule, baseline_saved: list[str], codes_of
     """The values to save once the rewrite is done: the baseline's, plus every site's codes, less each
     site's tensor when nothing in the backward (or in what the baseline recomputes there) reads it."""
     by_name = {n.name: n for n in joint.graph.nodes}
-    missing = [s for s in baseline_saved if s not in by_name]
+    # a chain site erases forward nodes the baseline may have saved for the backward it replaced
+    missing = [s for s in baseline_saved if s not in by_name and s not in codes_of]
     bw = backward_nodes(joint)
     bad = [s for s in baseline_saved if s in by_name and by_name[s] in bw]
     if missing or bad:
         raise CantApply(
             f"the baseline partition saves values that are not forward values of the rewritten graph ({(missing + bad)[:3]})"
         )
-    saved = set(baseline_saved) | set(codes_of.values())
+    saved = {s for s in baseline_saved if s in by_name} | set(codes_of.values())
     # forward values the backward reads that are not saved: the baseline recomputes them there
     recomputed: set[torch.fx.Node] = set()
-    stack = [a for n in bw for a in n.all_input_nodes if a not in bw and a.name not in saved and a.op != "placeholder"]
+    # (the output node is not one of them: the forward values it returns are the forward's outputs, made
+    # in the forward; counting them made a chain's inputs look recomputed through its unsaved result)
+    stack = [a for n in bw if n.op != "output" for a in n.all_input_nodes
+             if a not in bw and a.name not in saved and a.op != "placeholder"]
     while stack:
         n = stack.pop()
         if n in recomputed:
@@ -184,7 +213,9 @@ def saved_after(joint: torch.fx.GraphModule, baseline_saved: list[str], codes_of
         recomputed.add(n)
         stack.extend(a for a in n.all_input_nodes if a.name not in saved and a.op != "placeholder")
     for value in codes_of:
-        node = by_name[value]
+        node = by_name.get(value)
+        if node is None:
+            continue
         if not any(u in bw or u in recomputed for u in node.users):
             saved.discard(value)
     return saved
