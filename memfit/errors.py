@@ -102,8 +102,13 @@ class BudgetError(ShortenTraceback):
     ):
         self.smallest_peak = smallest_peak
         self.budget = budget
+        self.margin = margin
+        """The fraction of the budget plans aimed at (< 1: a peak of the planner's model, under Inductor;
+        1: a peak replayed from what Inductor compiled, or an exact model)."""
         self.hints = tuple(hints)
         self.fallback = None
+        self.baseline = None
+        """(GraphPair, StepAnalysis) of the graph's baseline partition, where a partition refused it."""
         """With ``strict=False``: the smallest-peak plan, kept for a report of what does not fit."""
         if message is None:
             extra = ""

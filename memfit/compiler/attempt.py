@@ -173,11 +173,15 @@ class Attempt:
                 fewbit_pass.decompose(joint, fewbit_pass.HELD_BACK)
         base = Candidate("unchanged", *ctx.baseline(), None, None)
         base.pair, base.analysis = ctx.analyse(base.fw, base.bw)
-        if self.options.passes == "auto":
-            chosen, candidates = planning.choose(self, ctx, rewritable, base)
-            chosen.joint = chosen.joint or joint
-        else:
-            chosen, candidates = planning.named(self, ctx, rewritable, base), []
+        try:
+            if self.options.passes == "auto":
+                chosen, candidates = planning.choose(self, ctx, rewritable, base)
+                chosen.joint = chosen.joint or joint
+            else:
+                chosen, candidates = planning.named(self, ctx, rewritable, base), []
+        except BudgetError as e:  # a search that weighs this refusal against another compile reports from it
+            e.baseline = (base.pair, base.analysis)
+            raise
         split_plan = None
         if "split_backward" in self.passes:
             from torch._functorch.partitioners import _is_primal
@@ -217,12 +221,12 @@ class Attempt:
         self.notes.clear()
         step_budget = self.backend.step_budget()
         budget = step_budget.budget
-        if budget is not None and self.tighten < 1.0:
-            notes.append(Note(
-                f"inductor: planned for {format_bytes(int(budget * self.tighten))}: the previous compile's buffer plan "
-                f"replayed over the budget of {format_bytes(budget)}",
-                "inductor", "retry",
-            ))
+        if budget is not None and self.tighten != 1.0:
+            why = (f"the previous compile's buffer plan replayed over the budget of {format_bytes(budget)}"
+                   if self.tighten < 1.0 else
+                   f"the smallest-peak plan, compiled to judge its replayed peak against the budget of "
+                   f"{format_bytes(budget)} (the planner's FX-level model refused it)")
+            notes.append(Note(f"inductor: planned for {format_bytes(int(budget * self.tighten))}: {why}", "inductor", "retry"))
             budget = int(budget * self.tighten)
         return Planning(joint, num_fwd_outputs, kwargs.get("static_lifetime_input_indices"), analyse, budget, notes,
                          "min-cut" if joint_partitioner == "mincut" else "default", name, params, baseline, step_budget)

@@ -108,7 +108,9 @@ class MemfitBackend:
     def _search(self, compile_one: search.CompileOne, gm, example_inputs) -> Attempt:
         if "stream" in self.passes:
             gm, notes = search.stream(self, gm, example_inputs)
-            return compile_one(self, gm, example_inputs, notes)
+            attempt = compile_one(self, gm, example_inputs, notes)
+            search.stream_decisions(attempt, gm)
+            return attempt
         if self.auto_streams:
             return search.stream_or_not(self, compile_one, gm, example_inputs)
         return compile_one(self, gm, example_inputs, [])

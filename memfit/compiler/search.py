@@ -30,6 +30,8 @@ from memfit.planner import choice
 from memfit.planner.shapes import has_symbolic_sizes, symbolic_inputs
 from memfit.units import format_bytes
 
+aten = torch.ops.aten
+
 #: compile_one(backend, gm, example_inputs, notes) -> the Attempt kept (raises BudgetError when none fits)
 CompileOne = Callable[[Any, torch.fx.GraphModule, Sequence[Any], list], Attempt]
 
@@ -87,6 +89,10 @@ def compile_inductor(backend, gm, example_inputs, notes) -> Attempt:
         try:
             attempt.compile_inductor(gm, example_inputs)
         except BudgetError as e:
+            if not tries and not last_resort and 0 < e.smallest_peak <= budget * choice.REPLAY_BEFORE_REFUSING:
+                # refused on the FX model: compile the smallest-peak plan and judge its replay instead
+                tighten, last_resort = _smallest_plan_target(e, budget), True
+                continue
             if not tries:
                 raise
             if not last_resort and _smallest_plan_is_new(e, tries[-1], tighten, budget):
@@ -137,12 +143,15 @@ def _settle(backend, kept: _Try, tries: list[_Try], budget: int | None) -> None:
     the kept one is still over the budget."""
     peak, records = kept.peak, kept.attempt.records
     if budget is not None and peak > budget and backend.strict and any(r.compiled is not None for r in records):
-        raise BudgetError(
+        err = BudgetError(
             peak, budget, hints=[
                 f"the smallest peak is that of Inductor's compiled buffer plan over {len(tries)} plan(s) (the "
                 f"planner's own model predicted {format_bytes(max(r.analysis.memory.peak_bytes for r in records))}); "
                 "raise the budget, or shrink the batch or sequence", *backend.hints(peak)]
         )
+        if len(records) == 1 and records[0].before_pair is not None:
+            err.baseline = (records[0].before_pair, records[0].before)
+        raise err
     for r in records:
         if len(tries) > 1:
             r.notes.append(Note(
@@ -211,6 +220,7 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
             r.notes.extend(notes)
         return _keep(plain)
     streamed = _held(compile_one, backend, streamed_gm, example_inputs, notes)
+    stream_decisions(streamed, streamed_gm)
     kept = None
     try:
         kept = _keep_streamed_or_not(backend, plain, streamed, budget, only_fewbit)
@@ -218,6 +228,18 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
     finally:
         if kept is not streamed:  # the plain compile is kept, or neither: no compiled code runs these regions
             release_streamed(streamed_gm)
+
+
+def _plain_before(plain: Attempt, streamed: Attempt) -> None:
+    """The streamed records' "before" is the step without streaming, as the baseline partition left it
+    (what plain ``torch.compile`` runs), not the streamed graph unplanned: a report read "44.05 MiB ->
+    44.05 MiB" for a 103 MiB step that auto streamed."""
+    if plain.error is not None:
+        if plain.error.baseline is not None and len(streamed.records) == 1:
+            streamed.records[0].before_pair, streamed.records[0].before = plain.error.baseline
+        return
+    for r, p in zip(streamed.records, plain.records):
+        r.before_pair, r.before = p.before_pair or p.pair, p.before or p.analysis
 
 
 def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: int, only_fewbit: bool) -> Attempt:
@@ -228,6 +250,7 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
         r.partition = f"stream + {r.partition}"
         for c in r.candidates:
             c["label"] = f"stream + {c['label']}"
+    _plain_before(plain, streamed)
     if _fits_exactly(streamed, budget, margin):
         return _keep(streamed)
     if only_fewbit:
@@ -235,10 +258,13 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
     else:
         kept, other = (streamed, plain) if choice.keep_streamed(streamed.peak, plain.peak) else (plain, streamed)
         if backend.strict:
-            if streamed.peak / margin < plain.peak:
-                why = " (the margin: Inductor's buffer plans do not show a stream op's chunks)" if margin < 1 else ""
-                raise BudgetError(streamed.peak, budget, margin, hints=[
-                    f"the smallest peak is with the stream pass{why}", *backend.hints(streamed.peak, margin)])
+            # a streamed compile refused by the planner states its FX-level peak, planned with the margin; one
+            # compiled (and over the budget) states its replayed peak, which needs none
+            s_margin = streamed.error.margin if streamed.error is not None else 1.0
+            if streamed.peak / s_margin < plain.peak:
+                why = " (the margin: Inductor's buffer plans do not show a stream op's chunks)" if s_margin < 1 else ""
+                raise BudgetError(streamed.peak, budget, s_margin, hints=[
+                    f"the smallest peak is with the stream pass{why}", *backend.hints(streamed.peak, s_margin)])
             raise BudgetError(plain.peak, budget, hints=[
                 f"streaming did not lower it (smallest streamed peak {format_bytes(streamed.peak)})",
                 *backend.hints(plain.peak)])
@@ -398,7 +424,41 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
             warnings.warn(f"memfit: stream pass not applied: {e.reason}", stacklevel=4)
         return _Streamed(gm, None, notes)
     notes.extend(Note(n, "stream") for n in plan.notes)
+    traced.meta["memfit_stream_plan"] = plan  # for the record's decision rows (stream_decisions)
     return _Streamed(traced, plan, notes)
+
+
+def stream_decisions(attempt: Attempt, gm) -> None:
+    """One decision row per region streamed in ``gm``, on the attempt's first record: what the report's
+    "Decisions" lists (before, a streamed step read "No pass changed the graphs")."""
+    from memfit.planner.memory import source_of
+
+    plan = gm.meta.get("memfit_stream_plan")
+    if plan is None or not attempt.records:
+        return
+    record = attempt.records[0]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for region in plan.regions:
+        # the region's largest matmul (its LM head, its MLP) names the module and the source line
+        inside = [nodes[n] for n in region.nodes if n in nodes]
+        mm = [n for n in inside if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
+        where = max(mm or inside, key=lambda n: _numel(n), default=None)
+        module, source = source_of(where) if where is not None else ("", "")
+        detail = [f"{len(region.nodes)} ops, {format_bytes(region.region_bytes)} of intermediates for the whole sequence"]
+        if region.grad_in_forward:
+            detail.append("gradients computed in the forward")
+        if region.attentions:
+            detail.append(f"{len(region.attentions)} attention(s) by query chunks")
+        record.decisions.append({
+            "graph": record.name, "technique": "stream", "action": f"stream in {region.chunks} chunks",
+            "value": region.name, "op": "region", "bytes": int(region.region_bytes), "module": module,
+            "source": source, "detail": "; ".join(detail),
+        })
+
+
+def _numel(node) -> int:
+    v = node.meta.get("val")
+    return v.numel() if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else 0
 
 
 __all__ = [
@@ -410,6 +470,7 @@ __all__ = [
     "predicted_peak",
     "region_count",
     "stream",
+    "stream_decisions",
     "stream_once",
     "stream_or_not",
 ]
