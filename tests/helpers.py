@@ -42,3 +42,20 @@ def assert_matches_eager(name: str, backend, *, rtol=1.3e-6, atol=1e-5, steps: i
         assert grads.keys() == grads_ref.keys() and grads
         for k in grads_ref:
             torch.testing.assert_close(grads[k], grads_ref[k], rtol=rtol, atol=atol, msg=lambda m: f"grad of {k}: {m}")
+
+
+class FewbitReference(torch.autograd.Function):
+    """The hand-written meaning of a few-bit rewrite: the activation's own forward, and
+    ``grad * level[code(x)]`` in the backward (``table`` from ``memfit.kernels.fewbit_tables``)."""
+
+    @staticmethod
+    def forward(ctx, x, fn, table):
+        ctx.save_for_backward(x)
+        ctx.table = table
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        level = torch.tensor(ctx.table.approx(x.detach().float().numpy()), dtype=torch.float32)
+        return (g.float() * level).to(g.dtype), None, None

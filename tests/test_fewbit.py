@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import FewbitReference
 import memfit
 from memfit.kernels import fewbit as K
 from memfit.kernels import fewbit_tables as T
@@ -151,20 +152,7 @@ ACTS = {
 }
 
 
-class _FewbitRef(torch.autograd.Function):
-    """The hand-written meaning of the rewrite: exact forward, grad * level[code(x)] backward."""
-
-    @staticmethod
-    def forward(ctx, x, fn, table):
-        ctx.save_for_backward(x)
-        ctx.table = table
-        return fn(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        level = torch.tensor(ctx.table.approx(x.detach().float().numpy()), dtype=torch.float32)
-        return (g.float() * level).to(g.dtype), None, None
+_FewbitRef = FewbitReference
 
 
 class MLP(nn.Module):

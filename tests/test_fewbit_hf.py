@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import FewbitReference
 import memfit
 from memfit.kernels import fewbit_tables as T
 
@@ -34,20 +35,7 @@ CHAINS = {
 }
 
 
-class _FewbitRef(torch.autograd.Function):
-    """The meaning of the rewrite: the activation's own forward, ``grad * level[code(x)]`` backward."""
-
-    @staticmethod
-    def forward(ctx, x, act, table):
-        ctx.save_for_backward(x)
-        ctx.table = table
-        return act(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        level = torch.tensor(ctx.table.approx(x.detach().float().numpy()), dtype=torch.float32)
-        return (g.float() * level).to(g.dtype), None, None
+_FewbitRef = FewbitReference
 
 
 class _RefAct(nn.Module):
