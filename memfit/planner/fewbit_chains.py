@@ -45,6 +45,7 @@ import torch
 import torch.fx
 
 from memfit.kernels import fewbit_tables as tables
+from memfit.planner.graphs import connected_groups
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -315,22 +316,8 @@ def _components(x, members, bw, shape, order, foreign: set[str]) -> list[set[tor
             continue  # a rejected node is looked at again when another of its inputs joins
         comp.add(n)
         frontier.extend(n.users)
-    parent = {n: n for n in comp}
-
-    def root(n):
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for n in comp:
-        for a in n.all_input_nodes:
-            if a in comp:
-                parent[root(a)] = root(n)
-    groups: dict[torch.fx.Node, set[torch.fx.Node]] = {}
-    for n in comp:
-        groups.setdefault(root(n), set()).add(n)
-    return sorted(groups.values(), key=lambda s: min(order[n] for n in s))
+    groups = connected_groups(sorted(comp, key=order.get), lambda n: n.all_input_nodes, lambda a, n: True)
+    return [set(g) for g in groups]
 
 
 def _match(x, y, members, bw, needed, rule_targets, order) -> ChainMatch | str | None:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from memfit.planner.graphs import connected_groups
+
 aten = torch.ops.aten
 
 
@@ -670,24 +672,14 @@ def find_regions(gm: torch.fx.GraphModule, seq: int, chunks: int, needs_grad: se
     order = {n: i for i, n in enumerate(nodes)}
     members = [n for n in nodes if n in info.member]
     level = _levels(nodes, info)
-    parent = {n: n for n in members}
 
-    def find(x):
-        while parent[x] is not x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    def joined(a, n):
+        return level[a] == level[n] and (info.member[a] in ("row", "attn") or info.member[n] == "item")
 
-    for n in members:
-        for a in n.all_input_nodes:
-            if a in parent and level[a] == level[n] and (info.member[a] in ("row", "attn") or info.member[n] == "item"):
-                parent[find(a)] = find(n)
-    groups: dict = {}
-    for n in members:
-        groups.setdefault(find(n), []).append(n)
+    groups = connected_groups(members, lambda n: n.all_input_nodes, joined)
     regions = []
     notes = []
-    for group in sorted(groups.values(), key=lambda g: order[g[0]]):
+    for group in groups:
         if not any(n.target in _HEAVY for n in group):
             continue
         group = sorted(group, key=order.get)

@@ -1,0 +1,36 @@
+"""Graph utilities shared by planners: connected groups of FX nodes."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, TypeVar
+
+N = TypeVar("N")
+
+
+def connected_groups(nodes: Iterable[N], inputs: Callable[[N], Iterable[N]], joined: Callable[[N, N], bool]) -> list[list[N]]:
+    """``nodes`` split into groups connected by the edges ``(a, n)``, ``a`` in ``inputs(n)`` and among
+    ``nodes``, for which ``joined(a, n)`` holds (union-find with path halving). Each group keeps the order
+    of ``nodes``, and the groups come in the order of their first node.
+
+    Used by the stream planner (regions: row-local ops at one level) and by the few-bit chain matcher
+    (the backward components that read an activation's chain)."""
+    order = list(nodes)
+    parent = {n: n for n in order}
+
+    def root(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in order:
+        for a in inputs(n):
+            if a in parent and joined(a, n):
+                parent[root(a)] = root(n)
+    groups: dict = {}
+    for n in order:
+        groups.setdefault(root(n), []).append(n)
+    return list(groups.values())
+
+
+__all__ = ["connected_groups"]
