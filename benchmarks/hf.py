@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import memfit  # noqa: E402
 import memfit.hf  # noqa: E402
 from memfit.units import format_bytes  # noqa: E402
-from memfit.measurement import measure, paired_times  # noqa: E402
+from memfit.measurement import measure, paired_times, training_step  # noqa: E402
 
 FAMILIES = ("qwen2", "llama", "gpt2", "gemma2", "phi3")
 PEERS = ("compile", "hf_checkpointing", "memory_budget", "auto_chunker", "auto_chunker_loss")
@@ -74,26 +74,6 @@ def build(family: str, layers: int, width: int, vocab: int, tokens: int) -> torc
     return model.train()
 
 
-def step_of(call, ids, *, holds_output: bool = True):
-    """One training step: forward with labels, backward, gradients freed before the next (outside the
-    measured window, by ``before``)."""
-    params: list[torch.Tensor] = []
-
-    def step() -> None:
-        out = call(ids)
-        loss = out.loss if holds_output else out
-        loss.backward()
-        del out
-
-    def before() -> None:
-        for p in params:
-            p.grad = None
-
-    step.before = before  # type: ignore[attr-defined]
-    step.params = params  # type: ignore[attr-defined]
-    return step
-
-
 def configure(name: str, base: torch.nn.Module, ids: torch.Tensor, compile_peak: int | None):
     """(step, context for its first call, memfit backend or None) of configuration ``name``."""
     model = copy.deepcopy(base)
@@ -107,16 +87,14 @@ def configure(name: str, base: torch.nn.Module, ids: torch.Tensor, compile_peak:
         ctx = torch._inductor.config.patch({"auto_chunker.enable": True})
     if name == "auto_chunker_loss":
         compiled = torch.compile(lambda x: model(input_ids=x, labels=x).loss)
-        step = step_of(compiled, ids, holds_output=False)
+        step = training_step(compiled, (ids,))
     elif name.startswith("memfit="):
         budget = int(float(name.split("=", 1)[1]) * compile_peak)
         memfit.hf.compile(model, budget=budget)
         backend = model.memfit.backend
-        step = step_of(lambda x: model(input_ids=x, labels=x), ids)
+        step = training_step(model, (), {"input_ids": ids, "labels": ids})
     else:
-        compiled = torch.compile(model)
-        step = step_of(lambda x: compiled(input_ids=x, labels=x), ids)
-    step.params.extend(model.parameters())
+        step = training_step(torch.compile(model), (), {"input_ids": ids, "labels": ids})
     return step, ctx, backend
 
 

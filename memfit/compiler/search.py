@@ -431,6 +431,7 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
 def stream_decisions(attempt: Attempt, gm) -> None:
     """One decision row per region streamed in ``gm``, on the attempt's first record: what the report's
     "Decisions" lists (before, a streamed step read "No pass changed the graphs")."""
+    from memfit.planner.cost import node_vals, tensor_bytes
     from memfit.planner.memory import source_of
 
     plan = gm.meta.get("memfit_stream_plan")
@@ -442,7 +443,7 @@ def stream_decisions(attempt: Attempt, gm) -> None:
         # the region's largest matmul (its LM head, its MLP) names the module and the source line
         inside = [nodes[n] for n in region.nodes if n in nodes]
         mm = [n for n in inside if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
-        where = max(mm or inside, key=lambda n: _numel(n), default=None)
+        where = max(mm or inside, key=lambda n: sum(tensor_bytes(v) for v in node_vals(n)), default=None)
         module, source = source_of(where) if where is not None else ("", "")
         detail = [f"{len(region.nodes)} ops, {format_bytes(region.region_bytes)} of intermediates for the whole sequence"]
         if region.grad_in_forward:
@@ -454,11 +455,6 @@ def stream_decisions(attempt: Attempt, gm) -> None:
             "value": region.name, "op": "region", "bytes": int(region.region_bytes), "module": module,
             "source": source, "detail": "; ".join(detail),
         })
-
-
-def _numel(node) -> int:
-    v = node.meta.get("val")
-    return v.numel() if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else 0
 
 
 __all__ = [
