@@ -16,39 +16,77 @@ The modules behind them are listed in ``docs/layout.md``. Older spellings keep w
 ``memfit.backend.BudgetError`` (and ``OptionsError``, ``MemfitBackend``) are attributes of the factory.
 """
 
-from memfit.compiler.backend import MemfitBackend, make_backend
-from memfit.config import Options, make_options
-from memfit.errors import BudgetError, CantApply, OptionsError
-from memfit.measurement import Measurement, measure, paired_times, to_loss, training_step
-from memfit.runtime import (
-    PendingWeightGradsError,
-    claim_weight_grads,
-    defer_weight_grads,
-    discard_weight_grads,
-    pending_weight_grads,
-    run_weight_grads,
-)
-from memfit.trace import analyze
-from memfit.units import format_bytes, parse_bytes
+import importlib
 
 __version__ = "0.1.0"
 
+#: Where each public name lives. Imported on first use (PEP 562), so ``import memfit`` and the CLI's
+#: argument checks do not pay for importing torch (5-6 s here before a typo in a path was reported).
+_LAZY = {
+    "MemfitBackend": "memfit.compiler.backend",
+    "make_backend": "memfit.compiler.backend",
+    "Options": "memfit.config",
+    "make_options": "memfit.config",
+    "BudgetError": "memfit.errors",
+    "CantApply": "memfit.errors",
+    "OptionsError": "memfit.errors",
+    "Measurement": "memfit.measurement",
+    "measure": "memfit.measurement",
+    "paired_times": "memfit.measurement",
+    "to_loss": "memfit.measurement",
+    "training_step": "memfit.measurement",
+    "PendingWeightGradsError": "memfit.runtime",
+    "claim_weight_grads": "memfit.runtime",
+    "defer_weight_grads": "memfit.runtime",
+    "discard_weight_grads": "memfit.runtime",
+    "pending_weight_grads": "memfit.runtime",
+    "run_weight_grads": "memfit.runtime",
+    "analyze": "memfit.trace",
+    "format_bytes": "memfit.units",
+    "parse_bytes": "memfit.units",
+}
 
-def backend(options: dict | None = None, **kwargs) -> MemfitBackend:
-    """A memfit backend for ``torch.compile(model, backend=memfit.backend(budget="6GiB"))``.
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'memfit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _BackendFactory:
+    """``memfit.backend(...)``: a memfit backend for
+    ``torch.compile(model, backend=memfit.backend(budget="6GiB"))``.
 
     Options (also accepted as ``options={...}``): ``budget`` (bytes or "6GiB"; None: no limit),
     ``passes`` ("auto" or pass names), ``device`` ("h100", "a100", "cpu"), ``inner`` ("inductor" or
     "eager"), ``report`` (a path for the report); the full list is :class:`memfit.Options`. A bad
     option raises ``ValueError`` naming it and what is accepted.
+
+    The factory was once a module too: ``except memfit.backend.BudgetError`` (and ``OptionsError``,
+    ``MemfitBackend``) keeps working.
     """
-    return make_backend(options, **kwargs)
+
+    __name__ = "backend"
+
+    def __call__(self, options: dict | None = None, **kwargs):
+        from memfit.compiler.backend import make_backend
+
+        return make_backend(options, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("BudgetError", "OptionsError", "MemfitBackend"):
+            return __getattr__(name)
+        raise AttributeError(name)
 
 
-# The factory was once a module too: ``except memfit.backend.BudgetError`` keeps working.
-backend.BudgetError = BudgetError  # type: ignore[attr-defined]
-backend.OptionsError = OptionsError  # type: ignore[attr-defined]
-backend.MemfitBackend = MemfitBackend  # type: ignore[attr-defined]
+backend = _BackendFactory()
+backend.__doc__ = _BackendFactory.__doc__
 
 
 def calibrate_fewbit(fn, *args, **kwargs):

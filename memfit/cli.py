@@ -16,13 +16,14 @@ verdict is that the step does not fit).
 
 from __future__ import annotations
 
-from memfit.units import format_bytes
-
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
+
+from memfit.units import format_bytes
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_analyze(sub) -> None:
-    from memfit.planner.cost import DEVICE_PROFILES
+    from memfit.config import DEVICE_PROFILES
     from memfit.techniques import PASSES
 
     a = sub.add_parser(
@@ -98,7 +99,7 @@ def _add_analyze(sub) -> None:
 
 
 def _add_plan_or_bench(sub, name: str, help_: str, desc: str) -> None:
-    from memfit.planner.cost import DEVICE_PROFILES
+    from memfit.config import DEVICE_PROFILES
 
     q = sub.add_parser(name, help=help_, description=desc)
     q.add_argument("target", help="path/to/file.py or package.module, optionally :factory (default: factory)")
@@ -173,8 +174,6 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.planner import report as rp
     from memfit.trace import trace_step
 
-    if args.report:
-        rp.report_paths(args.report)  # a bad report path fails now, not after planning
     progress = _Progress()
     with warnings.catch_warnings():
         if not args.debug:
@@ -206,12 +205,8 @@ def _bench(args: argparse.Namespace) -> int:
     from memfit.config import make_options
     from memfit.measurement import measure, training_step
     from memfit.planner import report as rp
-    from memfit.trace import TargetError, build_step, load_factory
+    from memfit.trace import build_step, load_factory
 
-    if args.repeat < 1:
-        raise TargetError(f"--repeat {args.repeat} must be >= 1")
-    if args.report:
-        rp.report_paths(args.report)
     progress = _Progress()
     model, fargs, fkwargs, loss_fn = build_step(load_factory(args.target), fake=False)
     progress("measuring the step under plain torch.compile")
@@ -276,15 +271,63 @@ def _analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _target_problem(target: str) -> str | None:
+    """What is wrong with TARGET that can be told without importing it (or torch): a missing file, a
+    module that cannot be found. Mirrors ``memfit.trace.load_factory``, which says the rest."""
+    import importlib.util
+    import os
+    import re
+
+    m = re.match(r"^(.*):([A-Za-z_][A-Za-z0-9_]*)$", target)
+    path = m.group(1) if m else target
+    if path.endswith(".py") or os.sep in path:
+        return None if os.path.isfile(path) else f"no such file: {path}"
+    try:
+        found = importlib.util.find_spec(path) is not None
+    except (ImportError, ValueError) as e:
+        return f"cannot import module {path!r}: {e}"
+    return None if found else f"cannot import module {path!r}: no module named {path!r}"
+
+
+def _check_early(args: argparse.Namespace) -> None:
+    """Every argument that can be checked before torch is imported (5-6 s here), so that a typo is told
+    at once and nothing about tracing is printed first. Raises ValueError with the one-line reason."""
+    from memfit.config import make_options
+
+    problem = _target_problem(args.target)
+    if problem:
+        raise ValueError(problem)
+    if args.command == "analyze":
+        if args.top < 0:
+            raise ValueError(f"--top {args.top} must be >= 0")
+        make_options(inner=args.inner, device=args.device, budget=args.budget, passes=args.passes,
+                     fewbit_bits=args.fewbit_bits)
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json!r} is a folder; give a file path")
+        return
+    if args.command == "bench" and args.repeat < 1:
+        raise ValueError(f"--repeat {args.repeat} must be >= 1")
+    make_options(_plan_options(args))
+    if args.report:
+        from memfit.config import report_paths
+
+        report_paths(args.report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        _check_early(args)
+    except ValueError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"memfit: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from memfit import BudgetError
     from memfit.trace import TargetError
 
     try:
         if args.command == "analyze":
-            if args.top < 0:
-                raise TargetError(f"--top {args.top} must be >= 0")
             return _analyze(args)
         if args.command == "plan":
             return _plan(args)

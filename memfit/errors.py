@@ -34,6 +34,7 @@ REASONS = {
     "nothing_to_do": "the graph holds nothing the technique rewrites",
     "retry": "a search tried again with another setting",
     "choice": "the planner's choice among candidates",
+    "limits": "what the planner could not choose (values it must save or must recompute), bounding its smallest peak",
 }
 
 
@@ -99,8 +100,11 @@ class BudgetError(ShortenTraceback):
         *,
         hints: Sequence[str] = ("raise the budget, or shrink the batch or sequence",),
         message: str | None = None,
+        limits: Sequence[str] = (),
     ):
         self.smallest_peak = smallest_peak
+        self.limits = tuple(limits)
+        """What bounded the smallest peak (values the planner had to save or to recompute), in words."""
         self.budget = budget
         self.margin = margin
         """The fraction of the budget plans aimed at (< 1: a peak of the planner's model, under Inductor;
@@ -120,7 +124,8 @@ class BudgetError(ShortenTraceback):
             message = (
                 f"memfit: no plan fits the budget of {format_bytes(budget)} ({budget} bytes): the smallest step "
                 f"peak memfit can reach for this graph is {format_bytes(smallest_peak)} ({smallest_peak} bytes){extra}. "
-                f"To fit: {'; or '.join(self.hints)}"
+                + (f"What bounds it: {'; '.join(self.limits)}. " if self.limits else "")
+                + f"To fit: {'; or '.join(self.hints)}"
             )
         super().__init__(message, first_useful_frame=None)
 

@@ -20,6 +20,9 @@ Peak and time come from separate runs: the profiler slows a step, so times are t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import statistics
 import time
 from dataclasses import dataclass
@@ -48,6 +51,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null while the profiler starts or stops: kineto writes
+    "USDT: ... profiler_start" / "profiler_stop" there from C++ on every session (no setting turns it
+    off in torch 2.13; KINETO_LOG_LEVEL does not), which leaked into ``memfit bench`` and the
+    examples' output. Only these two calls are silenced, never the step."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_window(step: Callable[[], object]) -> tuple[int, int]:
     """(peak, still live at the end) of the CPU allocator's running total over blocks allocated
     while ``step()`` runs, from the profiler's allocation events."""
@@ -55,8 +79,14 @@ def _cpu_window(step: Callable[[], object]) -> tuple[int, int]:
 
     from torch._C._profiler import _EventType
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
         step()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -161,8 +161,14 @@ def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], Non
     torch._dynamo.reset()
     if progress:
         progress("tracing the training step (Dynamo, AOTAutograd)")
+    seen = []
+
+    def count(gm, example_inputs):
+        seen.append(gm)
+        return be.analysis_compiler(gm, example_inputs)
+
     try:
-        compiled = torch.compile(step, backend=be.analysis_compiler, dynamic=False)
+        compiled = torch.compile(step, backend=count, dynamic=False)
         compiled(args, kwargs)
     except (TargetError, BudgetError):  # Dynamo passes BudgetError through unwrapped
         raise
@@ -170,6 +176,12 @@ def trace_step(target: str | Callable[[], Any], *, progress: Callable[[str], Non
         raise TargetError(f"tracing the training step failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         torch._dynamo.reset()
+    if not seen:
+        rnn = next((type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.RNNBase)), None)
+        why = (f"the model holds an {rnn}, and Dynamo skips a frame that runs one unless "
+               "torch._dynamo.config.allow_rnn = True (set it in the target file, and in your training script)"
+               if rnn else "torch._dynamo.explain(model)(*inputs) says why")
+        raise TargetError(f"Dynamo compiled no graph of this step: it ran eagerly, so there is nothing memfit can plan; {why}")
     if not be.records:
         raise TargetError("no training graph was produced (does the loss depend on the parameters?)")
     for r in be.records:  # module paths are relative to the _Step wrapper

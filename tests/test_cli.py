@@ -88,3 +88,29 @@ def test_llama_7b_config_on_fake_tensors_under_two_minutes(capsys):
     line = next(l for l in out.splitlines() if l.startswith("parameters"))
     assert "25.1" in line, line
     assert "GiB" in next(l for l in out.splitlines() if l.startswith("predicted peak"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["analyze", "missing.py"], "no such file: missing.py"),
+        (["analyze", "no_such_module_abc"], "cannot import module"),
+        (["analyze", "examples/gpt.py", "--budget", "5GiBB"], "budget='5GiBB' is not a size"),
+        (["analyze", "examples/gpt.py", "--top", "-1"], "--top -1 must be >= 0"),
+        (["plan", "examples/gpt.py", "--budget", "1GiB", "--passes", "checkpint"], "unknown pass 'checkpint'"),
+        (["plan", "examples/gpt.py", "--budget", "1GiB", "--report", "r.txt"], "must end in .html, .md or .json"),
+        (["bench", "examples/gpt.py", "--budget", "1GiB", "--repeat", "0"], "--repeat 0 must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_told_before_torch_is_imported(args, message):
+    """A typo is told at once (it took 5-6 s, the time to import torch, and "tracing one training step"
+    was printed before "no such file"): exit 2, one line, and torch never imported."""
+    code = (
+        "import sys; from memfit.cli import main; rc = main(sys.argv[1:]); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout.strip() == "no torch"
+    assert r.stderr.strip().splitlines() == [f"memfit: error: {r.stderr.strip().split('memfit: error: ')[1]}"]
+    assert message in r.stderr and "tracing" not in r.stderr

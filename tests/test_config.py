@@ -70,11 +70,28 @@ def test_option_given_twice():
         memfit.backend({"budget": 1}, budget=2)
 
 
-def test_bad_option_through_registered_name_is_a_value_error():
+def test_bad_option_through_registered_name_is_refused_at_torch_compile():
     model = torch.nn.Linear(4, 4)
-    compiled = torch.compile(model, backend="memfit", options={"budget": "six gigs"})
     with pytest.raises(ValueError, match="six gigs"):
-        compiled(torch.randn(2, 4))
+        torch.compile(model, backend="memfit", options={"budget": "six gigs"})
+    torch.compile(model, backend="memfit", options={"budget": "6GiB"})  # a good one compiles lazily, as before
+
+
+def test_bad_option_is_refused_by_the_torch_compile_that_first_loads_memfit():
+    """The first ``torch.compile(..., backend="memfit")`` of a process imports memfit through Dynamo's
+    entry points, from inside the call that should refuse: it does (not at the first graph)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "try:\n"
+        "    torch.compile(torch.nn.Linear(4, 4), backend='memfit', options={'budjet': 1})\n"
+        "except ValueError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("OptionsError unknown memfit option(s) ['budjet']"), (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("value,message", [

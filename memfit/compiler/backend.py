@@ -25,8 +25,10 @@ decisions taken.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import sys
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -121,6 +123,13 @@ class MemfitBackend:
         self.infeasible.extend(kept.infeasible)
         self.compiled_param_bytes = sum(self.param_bytes.values())
         self._write_report()
+        training = [r for r in kept.records if r.analysis.memory.saved_bytes]
+        if training and training[-1].budget is not None and training[-1].budget.budget is not None:
+            from memfit.compiler.retain import watch_retained_graph
+
+            r = training[-1]
+            return watch_retained_graph(kept.compiled, r.name, r.analysis.memory.saved_bytes, r.peak_bytes,
+                                        r.budget.budget)
         return kept.compiled
 
     def _inner_inference(self, gm, example_inputs):
@@ -323,6 +332,45 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
         raise OptionsError(str(e), first_useful_frame=None) from None
     be = _shared.setdefault(opts, MemfitBackend(opts))
     return be(gm, example_inputs)
+
+
+def _check_options_at_torch_compile() -> None:
+    """Make ``torch.compile(model, backend="memfit", options={...})`` refuse bad options itself.
+
+    torch 2.13 hands a non-Inductor backend its ``options`` only at the first graph
+    (``torch._TorchCompileWrapper`` stores them unchecked), so ``options={"budjet": ...}`` was refused
+    at the first call, after Dynamo had traced the model. The wrapper's ``__init__`` is extended to
+    validate memfit's options as it stores them. The very compile whose backend lookup imports this
+    module is already inside the original ``__init__``; its options are read from that frame and
+    checked here (raising makes that ``torch.compile`` call raise ``OptionsError``)."""
+    cls = getattr(torch, "_TorchCompileWrapper", None)
+    if cls is None or getattr(cls.__init__, "_memfit_checks_options", False):
+        return
+    original = cls.__init__
+
+    def validate(name, options):
+        if name == "memfit" and options:
+            try:
+                make_options(options)
+            except ValueError as e:
+                raise OptionsError(str(e), first_useful_frame=None) from None
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        validate(getattr(self, "compiler_name", None), getattr(self, "kwargs", {}).get("options"))
+
+    __init__._memfit_checks_options = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is original.__code__:
+            validate(frame.f_locals.get("backend"), frame.f_locals.get("options"))
+            break
+        frame = frame.f_back
+
+
+_check_options_at_torch_compile()
 
 
 __all__ = ["MemfitBackend", "make_backend", "registered_backend"]

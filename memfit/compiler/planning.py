@@ -54,6 +54,8 @@ class Planning:
     baseline: Callable | None = None
     """() -> (fw, bw): the baseline partition (AOTAutograd's default under eager, min-cut under Inductor)."""
     step_budget: Any = None
+    limits: tuple = ()
+    """What bounded the checkpoint planner's smallest peak (``BudgetError.limits``), for auto's refusal."""
 
 
 def named(attempt, ctx: "Planning", rewritable, base: Candidate) -> Candidate:
@@ -120,7 +122,11 @@ def plan_checkpoint(attempt, ctx: "Planning", joint, budget, profile, curve_poin
             progress=attempt.backend.progress,
         )
     except planner.Infeasible as e:
-        err = BudgetError(e.smallest_peak, budget, margin, hints=attempt.backend.hints(e.smallest_peak, margin))
+        err = BudgetError(e.smallest_peak, budget, margin, hints=attempt.backend.hints(e.smallest_peak, margin),
+                          limits=e.limits)
+        if e.limits:
+            ctx.notes.append(Note("checkpoint: what bounds the smallest plan: " + "; ".join(e.limits), "checkpoint",
+                                  "limits"))
         if e.smallest is not None and not attempt.backend.strict:  # for a report of what does not fit
             fw, bw = e.result
             err.fallback = (e.smallest, (fw, bw, *ctx.analyse(fw, bw)))
@@ -156,7 +162,8 @@ def choose(attempt, ctx: "Planning", rewritable, base: Candidate):
     chosen, exact = choice.choose(cands, budget)
     if chosen is None:
         margin = choice.refusal_margin(attempt.fused, attempt.passes)
-        err = BudgetError(min(smallest), budget, margin, hints=attempt.backend.hints(min(smallest), margin))
+        err = BudgetError(min(smallest), budget, margin, hints=attempt.backend.hints(min(smallest), margin),
+                          limits=ctx.limits)
         if attempt.backend.strict:
             raise err
         chosen = choice.smallest_peak(cands)
@@ -200,6 +207,7 @@ def _checkpoint_candidate(attempt, ctx: "Planning", base: Candidate, cands: list
         cands.append(c)
     except BudgetError as e:
         smallest.append(e.smallest_peak)
+        ctx.limits = e.limits
         ctx.notes.append(Note(
             f"checkpoint: smallest reachable peak {format_bytes(e.smallest_peak)}, over the budget",
             "checkpoint", "does_not_fit",

@@ -27,7 +27,7 @@ import torch.fx
 from memfit.compiler.attempt import Attempt, note_and_warn
 from memfit.errors import BudgetError, CantApply, Note, is_note
 from memfit.planner import choice
-from memfit.planner.shapes import has_symbolic_sizes, symbolic_inputs
+from memfit.planner.shapes import data_dependent, has_symbolic_sizes, symbolic_inputs
 from memfit.units import format_bytes
 
 aten = torch.ops.aten
@@ -410,6 +410,13 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
         if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True):
             raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)",
                             "dynamic_shapes")
+        dd = data_dependent(gm, key="example_value")
+        if dd:
+            # tracing such a graph to ATen raised DynamicOutputShapeException, which Dynamo took for a graph
+            # break: the step ran eagerly, outside any plan, without a word
+            raise CantApply(
+                f"data-dependent sizes ({', '.join(dd[:3])}): the stream pass cuts a graph of known sizes into "
+                "chunks, and these sizes are known only when the step runs", "dynamic_shapes")
         traced = sp.to_aten(gm, example_inputs)
         need = sp.needs_grad(traced, example_inputs)
         plan, info = plan_stream(traced, example_inputs, backend.options, need, multiplier, largest, attention)

@@ -70,10 +70,34 @@ def to_aten(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx
     mode = FakeTensorMode()
     fakes = fake_inputs(example_inputs, mode)
     with mode:
-        traced = make_fx(gm, tracing_mode="real")(*fakes)
+        traced = make_fx(_GradModeTagger(gm).run, tracing_mode="real")(*fakes)
     traced.graph.eliminate_dead_code()
     traced.recompile()
     return traced
+
+
+class _GradModeTagger(torch.fx.Interpreter):
+    """Runs the Dynamo graph node by node under ``make_fx`` and marks every ATen node a node made while
+    grad mode was off (``meta['memfit_no_grad']``).
+
+    The trace records ops, not grad mode: an EMA buffer updated under ``torch.no_grad()`` from the hidden
+    states, then read by the forward (``h - ema``), looked differentiable, and the streamed region's
+    gradient added the path through the EMA (fc.bias's gradient 9% off). :func:`needs_grad` stops at
+    these nodes, as autograd does."""
+
+    def run_node(self, n):
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        graph = mode.tracer.graph if mode is not None else None
+        last = graph._root.prev if graph is not None else None
+        out = super().run_node(n)
+        if graph is not None and not torch.is_grad_enabled():
+            node = graph._root.prev
+            while node is not last and node is not graph._root:
+                node.meta["memfit_no_grad"] = True
+                node = node.prev
+        return out
 
 
 def needs_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set:
@@ -85,6 +109,8 @@ def needs_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set:
         if isinstance(x, torch.Tensor) and x.requires_grad:
             out.add(n)
     for n in gm.graph.nodes:
+        if n.meta.get("memfit_no_grad"):
+            continue  # made under torch.no_grad(): no gradient flows through it (see _GradModeTagger)
         if n.op == "call_function" and any(a in out for a in n.all_input_nodes):
             v = n.meta.get("val")
             vals = v if isinstance(v, (list, tuple)) else [v]

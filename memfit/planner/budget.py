@@ -22,16 +22,7 @@ import torch
 from memfit.units import format_bytes
 
 #: State tensors per parameter kept by each optimizer (same shape and dtype as the parameter).
-OPTIMIZER_STATES = {
-    "sgd": 0,
-    "momentum": 1,
-    "sgd_momentum": 1,
-    "rmsprop": 1,
-    "adagrad": 1,
-    "lion": 1,
-    "adam": 2,
-    "adamw": 2,
-}
+from memfit.config import OPTIMIZER_STATES  # noqa: E402  (checked with the options, without torch)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from memfit.planner.cost import DeviceProfile, is_random, is_view, node_time, tensor_bytes
+from memfit.planner.shapes import data_dependent
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,13 @@ class Probe:
 
 
 class Infeasible(Exception):
-    def __init__(self, smallest_peak: int, budget: int, smallest: "CheckpointPlan | None" = None, result: object = None):
+    def __init__(
+        self, smallest_peak: int, budget: int, smallest: "CheckpointPlan | None" = None, result: object = None,
+        limits: tuple[str, ...] = (),
+    ):
         self.smallest_peak = smallest_peak
+        self.limits = limits
+        """What the planner could not choose (:func:`_limits`), for the error."""
         self.budget = budget
         self.smallest = smallest
         """The plan of the smallest peak (for a report of what does not fit), and its ``evaluate`` result."""
@@ -122,6 +128,47 @@ def _tag(node: torch.fx.Node):
     return node.meta.get("recompute")
 
 
+def _leaves_region(node: torch.fx.Node, bw_side) -> bool:
+    """Whether a value tagged for recompute by a user ``torch.utils.checkpoint`` region is also read
+    by forward ops outside that region (the region's output).
+
+    Eager autograd keeps such an output alive: the next op saves it as its own input. Forbidding its
+    save made every op after the region that was recomputed replay the whole region first, so a
+    6-block MLP with every other block checkpointed could reach no lower than 8.27 MiB where its
+    twin without the regions planned to 6.27 MiB. PyTorch's partitioner saves region boundaries the
+    same way (``cleanup_recompute_tags`` in torch/_functorch/partitioners.py)."""
+    region = node.meta.get("ac_graph_id")
+    for user in node.users:
+        if user in bw_side or user.op != "call_function":
+            continue
+        if _tag(user) is None or user.meta.get("ac_graph_id") != region:
+            return True
+    return False
+
+
+def _limits(forced_save, forced_recompute, bw_side) -> tuple[str, ...]:
+    """What the program may not choose, in words for the error and the notes: values that must be
+    saved (random ops: replaying one would draw a new mask; user must-save tags) and values a user
+    ``torch.utils.checkpoint`` region recomputes as asked. Only values the backward reads count."""
+    out = []
+    read = lambda c: any(u in bw_side for u in c.users)  # noqa: E731
+    for kind, words in (("random", "random ops' values (dropout masks) are saved, never replayed"),
+                        ("tagged", "values tagged must-save are saved")):
+        vals = [c for c, k in forced_save if k == kind and read(c) and isinstance(c.meta.get("val"), torch.Tensor)]
+        if vals:
+            from memfit.units import format_bytes
+
+            total = sum(tensor_bytes(c.meta["val"]) for c in vals)
+            out.append(f"{words}: {len(vals)} values, {format_bytes(total)}")
+    regions = {c.meta.get("ac_graph_id") for c in forced_recompute}
+    if forced_recompute:
+        out.append(
+            f"{len(forced_recompute)} values inside {len(regions)} user torch.utils.checkpoint region(s) are recomputed "
+            "as the user asked, never saved"
+        )
+    return tuple(out)
+
+
 class Problem:
     """The 0-1 program of one joint graph (built once; solved for several limits ``B``)."""
 
@@ -145,6 +192,7 @@ class Problem:
         s_lo, s_hi = np.zeros(n), np.ones(n)
         r_lo, r_hi = np.zeros(n), np.ones(n)
         save_tags = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
+        forced_save, forced_recompute = [], []
         recompute_tags = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
         for i, c in enumerate(self.cands):
             val = c.meta["val"]
@@ -163,8 +211,17 @@ class Problem:
             )
             if random or _tag(c) in save_tags:
                 r_hi[i] = 0  # random values (and dropout's mask and output) are saved, never replayed
-            elif _tag(c) in recompute_tags:
+                forced_save.append((c, "random" if random else "tagged"))
+            elif _tag(c) in recompute_tags and not _leaves_region(c, bw_side):
                 s_hi[i] = 0  # inside a user checkpoint region
+                forced_recompute.append(c)
+        self.limits = _limits(forced_save, forced_recompute, bw_side)
+        dd = data_dependent(joint)
+        if dd:
+            self.limits += (
+                f"{len(dd)} values have data-dependent sizes (such as nonzero()'s), counted at the upper bounds the "
+                "shape environment proves for them",
+            )
         self.lo = np.concatenate([s_lo, r_lo])
         self.hi = np.concatenate([s_hi, r_hi])
 
@@ -290,7 +347,8 @@ def plan(
     the extra points of the curve (:func:`_fill_curve`).
     """
     t0 = time.perf_counter()
-    search = _Search(Problem(joint, num_fwd_outputs, profile), evaluate, progress, max(max_probes, curve_points))
+    problem = Problem(joint, num_fwd_outputs, profile)
+    search = _Search(problem, evaluate, progress, max(max_probes, curve_points))
     lo = search.run(None, minimise_bytes=True)
     if lo is None:
         from memfit.errors import CantApply
@@ -300,7 +358,7 @@ def plan(
     best = min((p for p in (lo, hi) if p.peak <= budget), key=lambda p: p.cost, default=None)
     if best is None and lo.peak > budget:
         low = min(search.probes, key=lambda p: p.peak)
-        raise Infeasible(low.peak, budget, _checkpoint_plan(low, budget, search.probes, t0), low.result)
+        raise Infeasible(low.peak, budget, _checkpoint_plan(low, budget, search.probes, t0), low.result, problem.limits)
     if hi.peak > budget:
         best = _bisect(search, lo, hi, budget, best, max_probes)
     best = _fill_curve(search, lo, hi, budget, best, curve_points)

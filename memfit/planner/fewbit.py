@@ -32,6 +32,7 @@ from memfit.kernels import fewbit_tables as tables
 from memfit.kernels.fewbit import packed_numel
 from memfit.planner.cost import tensor_bytes
 from memfit.planner.memory import source_of
+from memfit.planner.shapes import DATA_DEPENDENT, unbacked
 
 aten = torch.ops.aten
 
@@ -255,6 +256,9 @@ def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None
         val = saved.meta.get("val")
         if not isinstance(val, torch.Tensor) or not val.is_floating_point():
             skipped.append((n.name, f"{saved.name} is not a floating-point tensor"))
+            continue
+        if unbacked(val):
+            skipped.append((n.name, f"{saved.name}: {DATA_DEPENDENT}"))
             continue
         others = [u for a in group for u in a.users if u in bw and u is not n]
         if others:

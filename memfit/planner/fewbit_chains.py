@@ -46,6 +46,7 @@ import torch.fx
 
 from memfit.kernels import fewbit_tables as tables
 from memfit.planner.graphs import connected_groups
+from memfit.planner.shapes import DATA_DEPENDENT, unbacked
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -80,6 +81,8 @@ _ANALYTIC = frozenset({
     aten.silu_backward.default, aten.mish_backward.default,
     *_ALIASES, *_CASTS,
 })
+#: Ops whose presence among an input's users marks it as an activation's input (for the notes).
+_SQUASHING = frozenset({aten.tanh.default, aten.sigmoid.default, aten.erf.default, aten.exp.default})
 #: Ops activations are written with: a chain of only these that cannot be matched is reported; a
 #: chain with anything else (a norm's ``rsqrt(mean + eps)``) is not an activation and is passed over.
 _ACTIVATION_OPS = _ANALYTIC | frozenset({
@@ -249,7 +252,13 @@ def find(joint: torch.fx.GraphModule, bw: set[torch.fx.Node], rule_targets) -> C
         if x in bw or x in claimed or x.op == "output":
             continue
         val = x.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.numel() == 0:
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            continue
+        if unbacked(val):  # numel() == 0 on it raised GuardOnDataDependentSymNode (a crash, not a decline)
+            if any(u.target in _SQUASHING for u in x.users):  # an activation's input: say why it stays exact
+                skipped.append((x.name, DATA_DEPENDENT))
+            continue
+        if val.numel() == 0:
             continue
         chain = _chain(x, bw, order)
         if not chain:

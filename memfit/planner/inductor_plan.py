@@ -53,9 +53,19 @@ class BufferPlan:
 def _size(node) -> int:
     from torch._inductor.utils import get_dtype_size
     from torch._inductor.virtualized import V
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    def free_unbacked(s):
+        return bool(free_unbacked_symbols(s))
 
     try:
-        n = V.graph.sizevars.optimization_hint(V.graph.get_allocation_storage_size(node), fallback=0)
+        size = V.graph.sizevars.simplify(V.graph.get_allocation_storage_size(node))
+        env = V.graph.sizevars.shape_env
+        if not any(free_unbacked(s) for s in size.free_symbols):
+            n = V.graph.sizevars.optimization_hint(size, fallback=0)
+        else:  # data-dependent: the bound memfit's own model uses (Inductor's fallback 0 hid these buffers)
+            n = env.bound_sympy(size).upper
+            n = int(n) if n.is_finite else 4096
         return int(n) * get_dtype_size(node.get_dtype())
     except Exception:  # noqa: BLE001 - a buffer without a static size: counted as 0, the model's estimate stays
         return 0

@@ -24,7 +24,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Sequence
 
-
+from memfit.config import report_paths  # noqa: F401  (re-exported: the files a report is written as)
 from memfit.units import format_bytes
 from memfit.planner.cost import is_view, node_vals, tensor_bytes
 from memfit.planner.memory import source_of
@@ -280,17 +280,6 @@ def verdict(rep: dict) -> str:
 def _kind(rep: dict) -> str:
     """The report's heading: a measured run (``memfit bench``) or a plan."""
     return "memfit bench" if rep.get("measured") else "memfit plan"
-
-
-def report_paths(path: str) -> list[str]:
-    """The files a report at ``path`` is written as: ``path`` and the other two forms beside it (same
-    stem). Raises ValueError for an extension that is not .html, .htm, .md or .json; the CLI calls it
-    before planning, so a typo costs no planning time (a Llama-3-8B plan takes about 40 s)."""
-    stem, ext = os.path.splitext(path)
-    ext = ext.lower()
-    if ext not in (".html", ".htm", ".md", ".json"):
-        raise ValueError(f"report path {path!r} must end in .html, .md or .json (the other forms are written beside it)")
-    return [path] + [stem + e for e in (".html", ".md", ".json") if e != ext and not (ext == ".htm" and e == ".html")]
 
 
 def write(rep: dict, path: str) -> list[str]:

@@ -234,6 +234,15 @@ def plan_split(
 
     if params is None:
         raise CantApply("which inputs of the graph are parameters is unknown (the graph was not traced by Dynamo)")
+    from memfit.planner.shapes import data_dependent
+
+    dd = data_dependent(fw) + data_dependent(bw)
+    if dd:
+        # the run-time sizes AOTAutograd hands the backward shifted its argument positions, so W's
+        # parameters were read from the wrong arguments ("expected to be a parameter" under eager,
+        # "mismatch in length of strides and shape" under Inductor)
+        raise CantApply(f"data-dependent sizes ({', '.join(dd[:3])}): the split needs a backward whose inputs "
+                        "are known when it is compiled", "dynamic_shapes")
     n_out = len(_outputs(bw))
     if n_out != len(primals):
         raise CantApply(f"the backward returns {n_out} values for {len(primals)} inputs")
