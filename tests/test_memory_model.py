@@ -200,3 +200,40 @@ def test_recompile_replaces_earlier_version_of_the_same_graph():
     step = be.step_analysis()
     assert step.num_graphs == 1 and step.memory.peak_bytes == be.records[1].analysis.memory.peak_bytes
     assert be.records[1].analysis.memory.peak_bytes > be.records[0].analysis.memory.peak_bytes
+
+
+class _ConvNet(torch.nn.Module):
+    """A 3-channel stem, a 3x3 conv-BN-ReLU pair, a stride-2 block with a 1x1 shortcut, a head."""
+
+    def __init__(self):
+        super().__init__()
+        bn = torch.nn.BatchNorm2d
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), bn(16), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, 1, 1, bias=False), bn(16), torch.nn.ReLU())
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, 2, 1, bias=False), bn(32))
+        self.short = torch.nn.Conv2d(16, 32, 1, 2, bias=False)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x, y):
+        h = self.body(self.stem(x))
+        h = torch.relu(self.down(h) + self.short(h))
+        return torch.nn.functional.cross_entropy(self.fc(h.mean((2, 3))), y)
+
+
+def test_cpu_convolution_and_batch_norm_scratch_is_counted():
+    """A CPU convolution copies its operands into oneDNN's layout, and batch norm's backward allocates
+    a tensor of its input's size, all freed before they return: measured per shape and counted at
+    the op (``memfit/planner/scratch.py``). Without it a small ResNet was predicted 12.5% under its
+    measured peak (5.48 against 6.26 MiB); with it 4.2% under (6.00), and this net 5.5% under (4.02
+    against 4.25 MiB): a quarter MiB is still unaccounted for (issue 23 asks for 2%)."""
+    from memfit.planner.memory import TEMP
+
+    torch.manual_seed(0)
+    model, args = _ConvNet(), (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    be = memfit.backend(inner="eager")
+    compiled = torch.compile(model, backend=be)
+    measured = measure(training_step(compiled, args, {}), repeat=1).peak_bytes
+    (rec,) = be.records
+    temps = {b.producer.rstrip("_0123456789") for b in rec.analysis.memory.buffers if b.kind == TEMP and b.nbytes}
+    assert {"convolution", "convolution_backward", "native_batch_norm_backward"} <= temps, temps
+    assert abs(rec.peak_bytes - measured) <= 0.07 * measured, (rec.peak_bytes, measured)

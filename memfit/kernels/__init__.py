@@ -24,9 +24,10 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-#: The kernel modules whose ``OP_MODELS`` :func:`op_models` merges. The few-bit kernels declare none
-#: (see above), and importing them loads Triton, so they are not listed.
-_MODULES_WITH_MODELS = ("memfit.kernels.stream",)
+#: The modules whose ``OP_MODELS`` :func:`op_models` merges. The few-bit kernels declare none (see
+#: above), and importing them loads Triton, so they are not listed; ``memfit.planner.scratch`` models
+#: ATen's CPU convolutions.
+_MODULES_WITH_MODELS = ("memfit.kernels.stream", "memfit.planner.scratch")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class OpModel:
     time: Callable | None = None
     """``f(node, profile) -> seconds``, replacing the roofline estimate of the node (a stream op runs
     its chunk graphs once per chunk)."""
+    inside_plans: bool = True
+    """Whether a graph holding the op is walked node by node even where Inductor's buffer plan exists
+    (the plan cannot see the scratch). False for ATen ops Inductor calls as extern kernels
+    (convolutions): there the replayed plan is kept, and the scratch counted only where the memory
+    model walks the graph itself."""
 
 
 @functools.lru_cache(maxsize=1)
