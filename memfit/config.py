@@ -70,6 +70,10 @@ class Options:
     """Let ``passes="auto"`` use the approximate few-bit activation gradients where they make the step
     fit, or fit faster, than the exact techniques alone; every site used is listed in the report."""
 
+    strict: bool = False
+    """Refuse (``memfit.UnplannedCodeError``) instead of warning when part of a budgeted step runs
+    outside memfit's graphs (a graph break's eager code), where memfit cannot keep the budget."""
+
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 
@@ -92,8 +96,9 @@ OPTIMIZER_STATES = {
 
 def report_paths(path: str) -> list[str]:
     """The files a report at ``path`` is written as: ``path`` and the other two forms beside it (same
-    stem). Raises ValueError for an extension that is not .html, .htm, .md or .json; checked where the
-    option enters, so a typo costs no planning time (a Llama-3-8B plan takes about 40 s)."""
+    stem). Raises ValueError for an extension that is not .html, .htm, .md or .json; the CLI checks it
+    with its other arguments, so a typo costs no planning time (a Llama-3-8B plan takes about 40 s).
+    (The backend's ``report=`` also takes any other path, for a JSON record of every graph.)"""
     stem, ext = os.path.splitext(path)
     ext = ext.lower()
     if ext not in (".html", ".htm", ".md", ".json"):
@@ -129,7 +134,6 @@ def _writable_report(path: str) -> str:
     written, so the nearest existing ancestor must be a writable folder."""
     if not path or os.path.isdir(path):
         raise ValueError(f"report={path!r} is a folder; give a file path such as 'memfit.html' or 'plans/memfit.json'")
-    report_paths(path)
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -194,6 +198,10 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
     if not isinstance(approx, bool):
         raise ValueError(f"allow_approximation={approx!r} must be True or False")
 
+    strict = merged.get("strict", False)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict={strict!r} must be True or False")
+
     chunks = merged.get("stream_chunks")
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
         raise ValueError(f"stream_chunks={chunks!r} must be a positive int (or None: let the planner pick)")
@@ -215,4 +223,5 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
         device_memory=device_memory,
         optimizer=optimizer,
         allow_approximation=approx,
+        strict=strict,
     )

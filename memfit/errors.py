@@ -34,6 +34,7 @@ REASONS = {
     "nothing_to_do": "the graph holds nothing the technique rewrites",
     "retry": "a search tried again with another setting",
     "choice": "the planner's choice among candidates",
+    "graph_break": "the graph ends at a graph break: the code up to the next graph runs outside any plan",
     "limits": "what the planner could not choose (values it must save or must recompute), bounding its smallest peak",
 }
 
@@ -130,4 +131,12 @@ class BudgetError(ShortenTraceback):
         super().__init__(message, first_useful_frame=None)
 
 
-__all__ = ["REASONS", "BudgetError", "CantApply", "Note", "OptionsError", "is_note"]
+class UnplannedCodeError(ShortenTraceback, RuntimeError):
+    """With ``strict=True``: part of a budgeted step runs outside memfit's graphs (a graph break), where
+    memfit cannot keep the budget. The message names the break and how to find the others."""
+
+    def __init__(self, message: str):
+        super().__init__(message, first_useful_frame=None)
+
+
+__all__ = ["REASONS", "BudgetError", "CantApply", "Note", "OptionsError", "UnplannedCodeError", "is_note"]

@@ -260,3 +260,42 @@ def test_analyze_says_dynamo_compiled_no_graph(tmp_path, capsys):
     assert main(["analyze", f"{target}:factory"]) == 2
     err = capsys.readouterr().err
     assert "Dynamo compiled no graph" in err and "allow_rnn" in err and "does the loss depend" not in err
+
+
+# -- code outside memfit's graphs ------------------------------------------------------------------
+class _Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 128), nn.Linear(128, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()  # the code here runs eagerly, outside any plan
+        return self.b(h).pow(2).mean()
+
+
+def test_a_graph_break_under_a_budget_is_said_once_and_refused_when_strict():
+    """memfit cannot bound what eager code between graphs allocates: with a budget it says where the
+    break is and how to find the others, once, in a warning and in the record; strict=True refuses."""
+    from memfit.errors import UnplannedCodeError
+
+    x = torch.randn(16, 32)
+    model = _Broken()
+    be = memfit.backend(budget="1GiB", inner="eager")
+    compiled = torch.compile(copy.deepcopy(model), backend=be)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            compiled(x).backward()
+    said = [str(m.message) for m in w if "graph break" in str(m.message)]
+    assert len(said) == 1 and "test_declines.py" in said[0] and "strict=True" in said[0], said
+    notes = [n for r in be.records for n in r.notes if getattr(n, "code", None) == "graph_break"]
+    assert notes == said
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as w:  # no budget, no promise: nothing to say
+        warnings.simplefilter("always")
+        torch.compile(copy.deepcopy(model), backend=memfit.backend(inner="eager"))(x).backward()
+    assert not [m for m in w if "graph break" in str(m.message)]
+    torch._dynamo.reset()
+    with pytest.raises(UnplannedCodeError, match="graph break"):
+        torch.compile(copy.deepcopy(model), backend=memfit.backend(budget="1GiB", inner="eager", strict=True))(x)

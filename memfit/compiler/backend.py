@@ -29,6 +29,7 @@ import functools
 import itertools
 import json
 import sys
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -39,7 +40,7 @@ from memfit.compiler import search
 from memfit.compiler.attempt import Attempt
 from memfit.compiler.records import GraphRecord
 from memfit.config import Options, make_options
-from memfit.errors import BudgetError, OptionsError
+from memfit.errors import BudgetError, Note, OptionsError, UnplannedCodeError
 from memfit.planner import choice
 from memfit.planner.analysis import StepAnalysis, analyze_pairs
 from memfit.techniques import APPROXIMATE, auto_streams, enabled
@@ -87,6 +88,7 @@ class MemfitBackend:
         """Notes about the model rather than one graph (``memfit.hf.compile``'s choice on the logits); the
         report lists them first."""
         self._graph_ids = itertools.count()
+        self._breaks_said: set[str] = set()
 
     def __repr__(self) -> str:
         return f"memfit.backend({self.options})"
@@ -98,8 +100,46 @@ class MemfitBackend:
             return self._inner_inference(gm, example_inputs)
         self.note_inputs(example_inputs)
         self.note_outputs(gm)
+        unseen = self._graph_break() if self.options.budget is not None or self.options.device_memory else None
         compile_one = search.compile_eager if self.options.inner == "eager" else search.compile_inductor
-        return self._commit(self._search(compile_one, gm, example_inputs))
+        attempt = self._search(compile_one, gm, example_inputs)
+        if unseen is not None and attempt.records:
+            attempt.records[0].notes.append(Note(unseen, None, "graph_break"))
+        return self._commit(attempt)
+
+    def _graph_break(self) -> str | None:
+        """The warning for a graph Dynamo ends at a graph break (None: it ends where the frame returns).
+
+        The code from the break to the next graph runs eagerly: memfit neither sees nor plans what it
+        allocates (an ``nn.LSTM`` Dynamo will not trace, a ``.item()``, a print), so the budget holds only
+        for the graphs. Said once per break location; ``strict=True`` refuses instead. Reads the reason
+        Dynamo gives its own compile (``compile_subgraph_reason``; torch 2.13 passes a backend nothing
+        about breaks), so a torch without it is simply not warned."""
+        try:
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
+        except Exception:  # noqa: BLE001 - not inside Dynamo (a direct call), or internals moved
+            return None
+        if reason is None or not reason.graph_break:
+            return None
+        where = reason.user_stack[-1] if reason.user_stack else None
+        at = f"{where.filename}:{where.lineno}" if where is not None else "an unknown line"
+        if at in self._breaks_said:
+            return None
+        self._breaks_said.add(at)
+        why = str(reason.reason).strip().splitlines()[0] if reason.reason else "unsupported code"
+        msg = (
+            f"memfit: the step has a graph break at {at} ({why}): the code from there to the next compiled "
+            "graph runs eagerly, outside any plan, and memfit cannot see or bound what it allocates, so the "
+            "budget holds for the compiled graphs only. torch._dynamo.explain(model)(*inputs) lists every break; "
+            "make that code traceable (or compile with fullgraph=True to be stopped at each), or pass strict=True "
+            "to refuse such a step"
+        )
+        if self.options.strict:
+            raise UnplannedCodeError(msg)
+        warnings.warn(msg, stacklevel=2)
+        return msg
 
     def analysis_compiler(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Trace and partition as the backend would, then run the graphs eagerly (for fake tensors);
