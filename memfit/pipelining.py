@@ -65,6 +65,7 @@ def pipeline_stage(
             "before torch.compile, i.e. model._orig_mod"
         )
     backend = MemfitBackend(stage_options(options, **kwargs))
+    backend.concurrent_calls = True  # the schedule runs microbatches' forwards ahead of their backwards
     module.compile(backend=backend)
     stage = _stage_class()(
         module,

@@ -299,3 +299,45 @@ def test_a_graph_break_under_a_budget_is_said_once_and_refused_when_strict():
     torch._dynamo.reset()
     with pytest.raises(UnplannedCodeError, match="graph break"):
         torch.compile(copy.deepcopy(model), backend=memfit.backend(budget="1GiB", inner="eager", strict=True))(x)
+
+
+class _LSTMLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(64, 16), nn.LSTM(16, 16, batch_first=True), nn.Linear(16, 64)
+
+    def forward(self, ids, labels):
+        h, _ = self.rnn(self.emb(ids))
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def test_a_frame_dynamo_runs_eagerly_whole_is_said():
+    """An nn.LSTM makes Dynamo give up on the frame before memfit sees a graph: the step ran eagerly
+    at 1.6x its budget without a word. With a budget memfit now says so, with Dynamo's reason."""
+    args = (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    for budget, expected in ((None, 0), ("1MiB", 1)):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.compile(_LSTMLM(), backend="memfit", options={"budget": budget} if budget else None)(*args).backward()
+        said = [str(m.message) for m in w if "Dynamo compiled no graph" in str(m.message)]
+        assert len(said) == expected, said
+    assert "allow_rnn" in said[0] and "test_declines.py" in said[0]
+
+
+def test_a_graph_run_again_before_its_backward_is_said():
+    """Two calls before one backward hold two sets of saved values (a conv net: 1.43x a budget one call
+    fits); memfit says so once. One call per backward (gradient accumulation) says nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1))
+    x = torch.randn(128, 64)
+    compiled = torch.compile(model, backend=memfit.backend(inner="eager", budget="1GiB"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            compiled(x).pow(2).mean().backward()  # accumulation: fine
+        assert not [m for m in w if "ran again" in str(m.message)]
+        for _ in range(2):
+            (compiled(x).pow(2).mean() + compiled(-x).pow(2).mean()).backward()
+    said = [str(m.message) for m in w if "ran again before the backward" in str(m.message)]
+    assert len(said) == 1 and "Call backward() after each call" in said[0], said

@@ -89,6 +89,9 @@ class MemfitBackend:
         report lists them first."""
         self._graph_ids = itertools.count()
         self._breaks_said: set[str] = set()
+        self.concurrent_calls = False
+        """True for a pipeline stage: its schedule runs several microbatches' forwards before their
+        backwards by design, so a graph running again before its backward is not warned about."""
 
     def __repr__(self) -> str:
         return f"memfit.backend({self.options})"
@@ -100,11 +103,11 @@ class MemfitBackend:
             return self._inner_inference(gm, example_inputs)
         self.note_inputs(example_inputs)
         self.note_outputs(gm)
-        unseen = self._graph_break() if self.options.budget is not None or self.options.device_memory else None
+        break_note = self._graph_break() if self.options.budget is not None or self.options.device_memory else None
         compile_one = search.compile_eager if self.options.inner == "eager" else search.compile_inductor
         attempt = self._search(compile_one, gm, example_inputs)
-        if unseen is not None and attempt.records:
-            attempt.records[0].notes.append(Note(unseen, None, "graph_break"))
+        if break_note is not None and attempt.records:
+            attempt.records[0].notes.append(Note(break_note, None, "graph_break"))
         return self._commit(attempt)
 
     def _graph_break(self) -> str | None:
@@ -169,7 +172,7 @@ class MemfitBackend:
 
             r = training[-1]
             return watch_retained_graph(kept.compiled, r.name, r.analysis.memory.saved_bytes, r.peak_bytes,
-                                        r.budget.budget)
+                                        r.budget.budget, concurrent_calls=self.concurrent_calls)
         return kept.compiled
 
     def _inner_inference(self, gm, example_inputs):
@@ -399,6 +402,7 @@ def _check_options_at_torch_compile() -> None:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         validate(getattr(self, "compiler_name", None), getattr(self, "kwargs", {}).get("options"))
+        unseen.install()  # torch._dynamo.reset() dropped it, if it ran since
 
     __init__._memfit_checks_options = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
@@ -410,7 +414,10 @@ def _check_options_at_torch_compile() -> None:
         frame = frame.f_back
 
 
+from memfit.compiler import unseen  # noqa: E402  (imports MemfitBackend from here lazily)
+
 _check_options_at_torch_compile()
+unseen.install()
 
 
 __all__ = ["MemfitBackend", "make_backend", "registered_backend"]

@@ -396,7 +396,12 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
                 bufs[n.name] = [src[idx] if isinstance(idx, int) and idx < len(src) else None]
             elif is_view(n):
                 base = _first_tensor_input(n)
-                bufs[n.name] = [bufs[base.name][0] if base is not None and base.name in bufs else None]
+                shared = bufs[base.name][0] if base is not None and base.name in bufs else None
+                val = n.meta.get("val")
+                # split/chunk/unbind: every piece is a view of the base, so each keeps it alive (only
+                # the first did: a GRU cell's saved third chunk let its [16, 48] matmul output die,
+                # 12 KiB under the measured peak of a 6-step unrolled cell)
+                bufs[n.name] = [shared] * (len(val) if isinstance(val, (list, tuple)) else 1)
             else:
                 val = n.meta.get("val")
                 vals = list(val) if isinstance(val, (list, tuple)) else [val]
