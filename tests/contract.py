@@ -241,15 +241,25 @@ CANNOT_KEEP = ("retain_graph=True", "graph break", "Dynamo compiled no graph", "
 
 
 def check(spec: Spec, inner: str = "eager") -> tuple[str, str]:
-    """(outcome, detail): "refused", "fit", "warned" (memfit said it cannot keep the budget), or
-    "violation" (a wrong gradient, an unexplained overshoot, or a crash)."""
+    """(outcome, detail): "refused", "fit", "warned" (memfit said it cannot keep the budget), "skipped"
+    (PyTorch's own ``aot_eager`` cannot run the step either: a user checkpoint region and BatchNorm in
+    bf16, called twice before one backward, fail its saved-tensor version check), or "violation" (a
+    wrong gradient, an unexplained overshoot, or a crash)."""
     model, args, args2 = build(spec)
     ref = copy.deepcopy(model)
     with torch._functorch.config.patch(donated_buffer=spec.step != "retain_graph"):
         ref_loss = run_step(ref, spec, args, args2)
         ref_grads = _grads(ref)
         torch._dynamo.reset()
-        plain = _peak(torch.compile(copy.deepcopy(model), backend=memfit.backend(inner=inner)), spec, args, args2)
+        try:
+            plain = _peak(torch.compile(copy.deepcopy(model), backend=memfit.backend(inner=inner)), spec, args, args2)
+        except Exception as e:  # noqa: BLE001
+            torch._dynamo.reset()
+            try:  # PyTorch's own aot_eager: when it fails as well, the step is not one torch.compile runs
+                _peak(torch.compile(copy.deepcopy(model), backend="aot_eager"), spec, args, args2)
+            except Exception:  # noqa: BLE001
+                return "skipped", f"aot_eager fails too: {str(e).splitlines()[0][:160]}"
+            return "violation", f"crash without a budget {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         budget = max(1, int(plain * spec.frac))
         torch._dynamo.reset()
         m = copy.deepcopy(model)

@@ -174,6 +174,7 @@ def test_auto_streams_only_where_no_exact_plan_fits_without_it():
     assert stream_ops and any("auto: no plan fits without it" in n for n in rec.notes), rec.notes
     assert rec.partition.startswith("stream + ") and all(c["label"].startswith("stream + ") for c in rec.candidates)
     assert not be.infeasible and rec.analysis.memory.peak_bytes <= budget
+    assert [r.name for r in be.records] == ["g0"]  # the search's probes take no names (was g9)
     m = measure(training_step(compiled, (idx, tgt)), repeat=1)
     assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)
 

@@ -220,20 +220,31 @@ class _ConvNet(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.fc(h.mean((2, 3))), y)
 
 
-def test_cpu_convolution_and_batch_norm_scratch_is_counted():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_cpu_convolution_and_batch_norm_scratch_is_counted(inner):
     """A CPU convolution copies its operands into oneDNN's layout, and batch norm's backward allocates
     a tensor of its input's size, all freed before they return: measured per shape and counted at
     the op (``memfit/planner/scratch.py``). Without it a small ResNet was predicted 12.5% under its
-    measured peak (5.48 against 6.26 MiB); with it 4.2% under (6.00), and this net 5.5% under (4.02
-    against 4.25 MiB): a quarter MiB is still unaccounted for (issue 23 asks for 2%)."""
+    measured peak (5.48 against 6.26 MiB); with it, to 4 bytes. Under Inductor the scratch is added to
+    the replayed buffer plan at each extern kernel (the same ResNet: 5.80 MiB, now 6.09 as measured)."""
     from memfit.planner.memory import TEMP
 
     torch.manual_seed(0)
     model, args = _ConvNet(), (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
-    be = memfit.backend(inner="eager")
+    be = memfit.backend(inner=inner)
     compiled = torch.compile(model, backend=be)
     measured = measure(training_step(compiled, args, {}), repeat=1).peak_bytes
     (rec,) = be.records
-    temps = {b.producer.rstrip("_0123456789") for b in rec.analysis.memory.buffers if b.kind == TEMP and b.nbytes}
-    assert {"convolution", "convolution_backward", "native_batch_norm_backward"} <= temps, temps
-    assert abs(rec.peak_bytes - measured) <= 0.07 * measured, (rec.peak_bytes, measured)
+    if inner == "eager":
+        temps = {b.producer.rstrip("_0123456789") for b in rec.analysis.memory.buffers if b.kind == TEMP and b.nbytes}
+        assert {"convolution", "convolution_backward", "native_batch_norm_backward"} <= temps, temps
+    else:
+        from memfit.planner.inductor_plan import ALLOC, FREE
+
+        # scratch: allocated and freed at once, at the extern kernel (convolutions, both ways)
+        freed_at_once = [
+            a for plan in rec.buffer_plans.values() for a, b in zip(plan.events, plan.events[1:])
+            if a[0] == ALLOC and b[0] == FREE and a[1] == b[1] and a[2]
+        ]
+        assert len(freed_at_once) >= 4, freed_at_once
+    assert abs(rec.peak_bytes - measured) <= 0.02 * measured, (rec.peak_bytes, measured)

@@ -11,6 +11,7 @@ what the kept attempt recorded. Nothing is rolled back because nothing is shared
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -58,6 +59,10 @@ class Attempt:
         """Set by a search that catches this attempt's refusal to weigh it against another."""
         self.caught: list = []
         """Warnings recorded while a search held this attempt; shown only if it is kept."""
+        self._names = itertools.count(len(backend.records))
+        """Graph names continue from the graphs the backend has kept: every attempt of one search names
+        its graphs alike, so the kept one is ``g0`` for a model's first graph (a streamed plan's report
+        called it ``g9``, after the probes the search had compiled)."""
 
     @property
     def peak(self) -> int:
@@ -156,7 +161,7 @@ class Attempt:
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """AOTAutograd's partition callback: the baseline partition, the planner's choice, the passes
         that carry it out, and the graph's record."""
-        name = self.backend.next_graph_name()
+        name = f"g{next(self._names)}"
         if self.backend.progress:
             self.backend.progress(f"graph {name}: {len(joint.graph.nodes)} nodes; partitioning and planning")
         if joint_passes:  # what Inductor runs before calling its partitioner

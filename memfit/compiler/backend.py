@@ -26,7 +26,6 @@ decisions taken.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import sys
 import warnings
@@ -87,7 +86,6 @@ class MemfitBackend:
         self.model_notes: list[str] = []
         """Notes about the model rather than one graph (``memfit.hf.compile``'s choice on the logits); the
         report lists them first."""
-        self._graph_ids = itertools.count()
         self._breaks_said: set[str] = set()
         self.concurrent_calls = False
         """True for a pipeline stage: its schedule runs several microbatches' forwards before their
@@ -206,10 +204,6 @@ class MemfitBackend:
             if isinstance(v, torch.Tensor) and v.requires_grad and v.dim() > 0 and not _symbolic(v)
         ]
         self.returned = max(sizes) if sizes else None
-
-    def next_graph_name(self) -> str:
-        """``g0``, ``g1``, ...: one name per partition this backend runs (probes of a search included)."""
-        return f"g{next(self._graph_ids)}"
 
     def step_budget(self):
         """The step's budget: ``budget``, or what ``device_memory`` leaves after the resident bytes of the

@@ -1,5 +1,5 @@
-"""Memory that ATen's CPU convolutions, batch norm and half-precision matmuls allocate and free inside
-themselves, measured per shape.
+"""Memory that ATen's CPU convolutions, batch norm and half-precision matmuls and reductions allocate
+and free inside themselves, measured per shape.
 
 The memory model counts an op's outputs. A CPU convolution also copies its operands into the
 blocked layout oneDNN computes in, and frees the copies before it returns: on a ``[8, 16, 32, 32]``
@@ -7,7 +7,8 @@ input with a 3x3 kernel the backward's peak is its outputs plus 1 MiB (the input
 gradient, 512 KiB each), the forward's its output plus the input and the weight; a 1x1 kernel copies
 nothing, and a 3-channel stem or a stride-2 kernel copies amounts no simple formula gave. Without
 these bytes a small ResNet (conv, BatchNorm, residual; 8 x 3 x 32 x 32) was predicted at 5.48 MiB
-and measured 6.26 under ``inner="eager"``, and a plan for 0.6x of its peak measured 1.11x the budget.
+and measured 6.26 under ``inner="eager"`` (with them: 6.26, to 4 bytes), and a plan for 0.6x of its
+peak measured 1.11x the budget.
 
 Batch norm's training backward allocates one more tensor of its input's size (512 KiB on the input
 above), and a bf16 (or fp16) matmul packs its operands (a [64, 32] x [32, 64] product: 9 KiB besides
@@ -41,11 +42,8 @@ MEASURE_LIMIT = 64 * 2**20
 
 
 def _tensor_args(node: torch.fx.Node) -> list:
-    out = []
-    for a in node.args:
-        v = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-        out.append(v)
-    return out
+    """The node's arguments, each Node replaced by its value (a fake tensor), the rest as they are."""
+    return [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
 
 
 def _operand_bytes(node: torch.fx.Node) -> int:
@@ -56,31 +54,66 @@ def _operand_bytes(node: torch.fx.Node) -> int:
         vals = vals[1:2]
     if node.target in _MATMULS:
         return sum(v.numel() * v.element_size() for v in vals)  # the operands, packed
+    if node.target in _REDUCTIONS:
+        return vals[0].numel() * 4 if vals else 0  # an fp32 copy of the input
     return sum(v.numel() * v.element_size() for v in vals[:2])
 
 
 _MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+#: Reductions that accumulate a half-precision input in an fp32 copy of it on CPU (a bf16 mean over
+#: [4, 32, 16, 16]: 128 KiB besides its output); in fp32 they allocate nothing.
+_REDUCTIONS = (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default)
+_FP32_FREE = _MATMULS + _REDUCTIONS
 
 
-def _scratch(node: torch.fx.Node) -> int:
+def _scratch(node: torch.fx.Node, strides: list | None = None) -> int:
+    """``strides``: the tensor arguments' strides as compiled, in order (Inductor lays convolution
+    operands out channels-last, and oneDNN then copies less than for the FX values' strides)."""
     vals = _tensor_args(node)
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    if strides is not None:
+        it = iter(strides)
+        vals = [_restrided(v, next(it, None)) if isinstance(v, torch.Tensor) else v for v in vals]
+    tensors = [v for v in vals if isinstance(v, (torch.Tensor, _Layout))]
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return 0  # cuDNN's workspace is another story; the planner's CPU tests are what this serves
-    if node.target in _MATMULS and all(t.dtype == torch.float32 for t in tensors):
-        return 0  # an fp32 matmul writes its output in place (measured: 0 bytes besides it)
+    if node.target in _FP32_FREE and all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return 0  # fp32 matmuls and reductions write their output in place (measured: 0 bytes besides it)
     if any(not isinstance(s, int) for t in tensors for s in t.shape):
         return _operand_bytes(node)
     if sum(t.numel() * t.element_size() for t in tensors) > MEASURE_LIMIT:
         return _operand_bytes(node)
     key = tuple(
-        ("t", tuple(v.shape), tuple(v.stride()), v.dtype) if isinstance(v, torch.Tensor) else ("a", _hashable(v))
+        ("t", tuple(v.shape), tuple(v.stride()), v.dtype) if isinstance(v, (torch.Tensor, _Layout)) else ("a", _hashable(v))
         for v in vals
     )
     try:
         return _measured(node.target, key)
     except Exception:  # noqa: BLE001 - a profiler already running, an odd argument: count the operands
         return _operand_bytes(node)
+
+
+class _Layout:
+    """A tensor's shape, strides and dtype (enough for :func:`_scratch`), with other strides."""
+
+    def __init__(self, t: torch.Tensor, stride):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self._stride = tuple(stride)
+        self._numel, self._size = t.numel(), t.element_size()
+
+    def stride(self):
+        return self._stride
+
+    def numel(self):
+        return self._numel
+
+    def element_size(self):
+        return self._size
+
+
+def _restrided(t: torch.Tensor, stride):
+    if stride is None or len(stride) != t.dim():
+        return t
+    return _Layout(t, stride)
 
 
 def _hashable(v):
@@ -124,5 +157,5 @@ OP_MODELS = {
     aten.convolution.default: OpModel(scratch=_scratch, inside_plans=False),
     aten.convolution_backward.default: OpModel(scratch=_scratch, inside_plans=False),
     aten.native_batch_norm_backward.default: OpModel(scratch=_scratch, inside_plans=False),
-    **{op: OpModel(scratch=_scratch, inside_plans=False) for op in _MATMULS},
+    **{op: OpModel(scratch=_scratch, inside_plans=False) for op in _FP32_FREE},
 }
