@@ -91,3 +91,19 @@ def test_training_step_of_a_compiled_function_resets_its_parameters_grads():
     grads = sum(p.numel() * 4 for p in model.parameters())
     assert as_function.peak_bytes >= grads  # gradients allocated afresh in every measured step
     assert abs(as_function.peak_bytes - reference.peak_bytes) <= 0.01 * reference.peak_bytes, (as_function, reference)
+
+
+def test_measuring_writes_nothing_to_the_terminal(capfd):
+    """kineto prints "USDT: ... profiler_start" / "profiler_stop" to file descriptor 2 on every profiler
+    session (it leaked into ``memfit bench`` and the examples' output); measuring silences exactly those
+    two calls."""
+    import sys
+
+    from memfit.measurement import measure
+
+    print("before", file=sys.stderr, flush=True)
+    measure(lambda: torch.randn(256, 256) @ torch.randn(256, 256), repeat=1)
+    print("after", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_start" not in err
+    assert "before" in err and "after" in err  # stderr itself is back
