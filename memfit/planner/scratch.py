@@ -11,18 +11,21 @@ and measured 6.26 under ``inner="eager"`` (with them: 6.26, to 4 bytes), and a p
 peak measured 1.11x the budget.
 
 Batch norm's training backward allocates one more tensor of its input's size (512 KiB on the input
-above), and a bf16 (or fp16) matmul packs its operands (a [64, 32] x [32, 64] product: 9 KiB besides
-its 8 KiB output; fp32 matmuls allocate nothing): a bf16 mixture-of-experts step was predicted 6%
-under its measured peak and a plan for half of it measured 1.09x the budget. So the scratch of each such op the model meets is measured: the op run once on real tensors of
-the node's shapes and strides (zeros, under no grad, outside any fake mode), the allocator's peak
-during it from the profiler, minus its outputs. Results are kept per shape for the process. Where
-it cannot be measured (operands over ``MEASURE_LIMIT`` bytes, a profiler already running, a device
-that is not the CPU) the op's own operands are counted instead (input and weight forward, input
-and output gradient backward), the case the measurements above mostly fit.
+above), and a bf16 (or fp16) matmul or reduction works in packed or fp32 copies (a [64, 32] x [32, 64]
+product: 9 KiB besides its 8 KiB output; fp32 ones allocate nothing): a bf16 mixture-of-experts step
+was predicted 6% under its measured peak, and a plan for half of it measured 1.09x the budget.
 
-Inductor's replayed buffer plans do not see inside its extern kernels either; graphs Inductor
-compiled keep their replay (``OpModel.inside_plans=False``), and the scratch is counted where the
-memory model walks the graph itself.
+So the scratch of each such op the model meets is measured: the op run once on real tensors of the
+node's shapes and strides (zeros, under no grad, outside any fake mode), the allocator's peak during
+it from the profiler, minus its outputs; kept per shape for the process. Where it cannot be measured
+(operands over ``MEASURE_LIMIT`` bytes, a profiler already running, symbolic sizes) the operands are
+counted instead. Only on the CPU: a GPU's cuDNN and cuBLAS workspaces are not modelled here.
+
+Under Inductor these ops are extern kernels whose operands Inductor lays out itself (convolutions
+channels-last, where oneDNN copies far less), so the FX-level model leaves them out
+(``OpModel.inside_plans=False``) and the replay of the compiled buffer plan adds each kernel's scratch,
+measured with the strides Inductor chose (``memfit.planner.inductor_plan``): the same ResNet, 6.09 MiB
+measured, replayed to 4 bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from memfit.kernels import OpModel
 
 aten = torch.ops.aten
 
-#: Largest operand bytes a convolution is run at to measure its scratch (a plan of a big model on
+#: Largest operand bytes an op is run at to measure its scratch (a plan of a big model on
 #: fake tensors must not allocate it for real).
 MEASURE_LIMIT = 64 * 2**20
 
