@@ -202,6 +202,14 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     """
     be, param_bytes = trace_step(target, **options)
     analysis = be.step_analysis(param_bytes=param_bytes)
+    records = be.latest_records()
+    if any(r.before_pair is not None for r in records):  # a plan changed the step: show it beside
+        from memfit.planner.analysis import analyze_pairs
+
+        before = analyze_pairs([r.before_pair or r.pair for r in records], device=be.options.device,
+                               param_bytes=param_bytes, fused=be.fused)
+        if (before.memory.peak_bytes, before.memory.saved_bytes) != (analysis.memory.peak_bytes, analysis.memory.saved_bytes):
+            analysis.before = before
     analysis.plans = [r.plan for r in be.records if r.plan is not None]
     analysis.fewbit_plans = [r.fewbit for r in be.records if r.fewbit is not None]
     for r in be.records:

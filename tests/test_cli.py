@@ -114,3 +114,15 @@ def test_bad_arguments_are_told_before_torch_is_imported(args, message):
     assert r.stdout.strip() == "no torch"
     assert r.stderr.strip().splitlines() == [f"memfit: error: {r.stderr.strip().split('memfit: error: ')[1]}"]
     assert message in r.stderr and "tracing" not in r.stderr
+
+
+def test_analyze_with_a_budget_shows_the_step_without_memfit_beside_the_plan(capsys):
+    """The planned figures alone read as the step's (issue 21): with a plan, the step without memfit is
+    printed beside it; without one, one column as before."""
+    assert main(["analyze", "examples/gpt.py:small", "--inner", "eager", "--budget", "1.2MiB"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any("without memfit" in line and "planned" in line for line in out)
+    peak = next(line for line in out if line.startswith("predicted peak")).split()
+    assert peak[2:4] == ["1.82", "MiB"] and float(peak[4]) <= 1.2  # before, then the plan under the budget
+    assert main(["analyze", "examples/gpt.py:small", "--inner", "eager"]) == 0
+    assert "without memfit" not in capsys.readouterr().out

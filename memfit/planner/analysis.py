@@ -35,6 +35,9 @@ class StepAnalysis:
     """Checkpoint plans carried out in these graphs (memfit.planner.checkpoint.CheckpointPlan)."""
     fewbit_plans: list = field(default_factory=list)
     """Few-bit plans carried out in these graphs (memfit.planner.fewbit.FewbitPlan)."""
+    before: "StepAnalysis | None" = None
+    """The same step with no memfit pass (the baseline partition), where a plan changed it: ``format``
+    then prints the two side by side."""
 
     @property
     def flops(self) -> int:
@@ -77,6 +80,9 @@ class StepAnalysis:
             "notes": list(self.notes),
             "checkpoint_plans": [p.to_json() for p in self.plans],
             "fewbit_plans": [p.to_json() for p in self.fewbit_plans],
+            **({"before": {"saved_activation_bytes": self.before.memory.saved_bytes,
+                           "predicted_peak_bytes": self.before.memory.peak_bytes,
+                           "estimated_time_s": self.before.time_s}} if self.before is not None else {}),
         }
 
     def format(self, top: int = 10, title: str | None = None) -> str:
@@ -87,14 +93,26 @@ class StepAnalysis:
             lines.append(title)
         if self.param_bytes is not None:
             lines.append(f"parameters          {format_bytes(self.param_bytes):>12}")
-        lines.append(f"saved activations   {format_bytes(m.saved_bytes):>12}")
         where = f"  (at {peak.graph} {peak.node})" if peak else ""
-        lines.append(f"predicted peak      {format_bytes(m.peak_bytes):>12}{where}  above resident memory")
+        b = self.before
+        if b is None:
+            lines.append(f"saved activations   {format_bytes(m.saved_bytes):>12}")
+            lines.append(f"predicted peak      {format_bytes(m.peak_bytes):>12}{where}  above resident memory")
+        else:  # planned: the step without the plan beside it (the planned figure alone misled)
+            lines.append(f"{'':20}{'without memfit':>14}  {'planned':>12}")
+            lines.append(f"saved activations   {format_bytes(b.memory.saved_bytes):>14}  {format_bytes(m.saved_bytes):>12}")
+            lines.append(f"predicted peak      {format_bytes(b.memory.peak_bytes):>14}  {format_bytes(m.peak_bytes):>12}"
+                         f"{where}  above resident memory")
         lines.append(
             f"FLOPs               {self.flops / 1e9:>12.3f} GFLOP  (forward {self.forward_flops / 1e9:.3f})"
         )
-        t = f"{self.time_s:>12.3f} s " if self.time_s >= 1 else f"{self.time_s * 1e3:>12.3f} ms"
-        lines.append(f"estimated time      {t}  on the {self.profile.name} profile (roofline)")
+        if b is None:
+            t = f"{self.time_s:>12.3f} s " if self.time_s >= 1 else f"{self.time_s * 1e3:>12.3f} ms"
+            lines.append(f"estimated time      {t}  on the {self.profile.name} profile (roofline)")
+        else:
+            lines.append(f"estimated time      {1e3 * b.time_s:>11.3f} ms  {1e3 * self.time_s:>9.3f} ms"
+                         f"  ({100 * (self.time_s / b.time_s - 1) if b.time_s else 0:+.0f}%) on the {self.profile.name} "
+                         "profile (roofline)")
         if self.num_graphs != 1:
             lines.append(f"graphs              {self.num_graphs:>12}")
         saved = m.saved[:top]
