@@ -188,3 +188,20 @@ def test_cli_writes_nothing_unless_asked_and_bench_reports_are_titled_bench(tmp_
     assert main(["bench", target, "--budget", "1GiB", "--inner", "eager", "--repeat", "1", "--report", "b.md"]) == 0
     assert (tmp_path / "b.md").read_text().startswith("# memfit bench: ")
     assert "<h1>memfit bench: " in (tmp_path / "b.html").read_text()
+
+
+def test_a_refused_compile_writes_a_report_that_says_so(tmp_path):
+    """``report=`` and a budget no plan meets: the report says "does not fit", with the smallest peak
+    and what would help, in all three forms (none was written before)."""
+    import json
+
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+    path = tmp_path / "r.md"
+    with pytest.raises(memfit.BudgetError) as e:
+        torch.compile(model, backend=memfit.backend(budget="8KiB", inner="eager", report=str(path)))(torch.randn(128, 64))
+    md = path.read_text()
+    assert "does not fit" in md and memfit.format_bytes(e.value.smallest_peak) in md and "to fit:" in md
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["fits"] is False and data["smallest_peak"] == e.value.smallest_peak and data["budget"] == 8192
+    assert "does not fit" in (tmp_path / "r.html").read_text()

@@ -103,7 +103,11 @@ class MemfitBackend:
         self.note_outputs(gm)
         break_note = self._graph_break() if self.options.budget is not None or self.options.device_memory else None
         compile_one = search.compile_eager if self.options.inner == "eager" else search.compile_inductor
-        attempt = self._search(compile_one, gm, example_inputs)
+        try:
+            attempt = self._search(compile_one, gm, example_inputs)
+        except BudgetError as e:
+            self._write_refusal(e)
+            raise
         if break_note is not None and attempt.records:
             attempt.records[0].notes.append(Note(break_note, None, "graph_break"))
         return self._commit(attempt)
@@ -332,6 +336,20 @@ class MemfitBackend:
             return
         with open(path, "w") as f:
             json.dump(self.report(), f, indent=1)
+
+    def _write_refusal(self, err: BudgetError) -> None:
+        """``report=``: a refused compile writes a report that says so (it wrote none)."""
+        path = self.options.report
+        if not path:
+            return
+        from memfit.planner import report as rp
+
+        rep = rp.refusal(err, graphs=len(self.records))
+        if path.lower().endswith((".html", ".htm", ".md", ".json")):
+            rp.write(rep, path)
+        else:
+            with open(path, "w") as f:
+                json.dump(rep, f, indent=1)
 
     def write_report(self, path: str, *, title: str = "", measured: dict | None = None) -> list[str]:
         """Write the planning report of the graphs compiled so far (HTML, Markdown and JSON beside each

@@ -282,6 +282,39 @@ def _kind(rep: dict) -> str:
     return "memfit bench" if rep.get("measured") else "memfit plan"
 
 
+def refusal(err, *, title: str = "", graphs: int = 0) -> dict:
+    """The report of a step no plan fits: what was asked, the smallest peak memfit can reach, what
+    bounds it and what would help (a refused compile wrote no report at all before)."""
+    return {
+        "title": title or "memfit plan",
+        "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+        "fits": False,
+        "verdict": f"does not fit: the smallest step peak memfit can reach is {format_bytes(err.smallest_peak)}, "
+                   f"over the budget of {format_bytes(err.budget)}",
+        "budget": err.budget,
+        "smallest_peak": err.smallest_peak,
+        "limits": list(getattr(err, "limits", ())),
+        "hints": list(err.hints),
+        "graphs_compiled_before": graphs,
+        "message": str(err).splitlines()[0],
+    }
+
+
+def _refusal_markdown(rep: dict) -> str:
+    lines = [f"# {rep['title']}", "", f"**{rep['verdict']}**", ""]
+    lines += [f"- what bounds it: {x}" for x in rep["limits"]]
+    lines += [f"- to fit: {x}" for x in rep["hints"]]
+    return "\n".join(lines) + "\n"
+
+
+def _refusal_html(rep: dict) -> str:
+    items = "".join(f"<li>what bounds it: {html.escape(x)}</li>" for x in rep["limits"])
+    items += "".join(f"<li>to fit: {html.escape(x)}</li>" for x in rep["hints"])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(rep['title'])}</title></head>"
+            f"<body><h1>{html.escape(rep['title'])}</h1><p><b>{html.escape(rep['verdict'])}</b></p><ul>{items}</ul>"
+            "</body></html>\n")
+
+
 def write(rep: dict, path: str) -> list[str]:
     """Write ``rep`` as ``path`` (format from its extension: .html, .md, .json) and the other two forms beside
     it (same stem), making its folder if needed. Returns the paths written."""
@@ -291,7 +324,11 @@ def write(rep: dict, path: str) -> list[str]:
         os.makedirs(folder, exist_ok=True)
     for p in paths:
         e = os.path.splitext(p)[1].lower()
-        text = to_html(rep) if e in (".html", ".htm") else to_markdown(rep) if e == ".md" else json.dumps(rep, indent=1, default=str)
+        if "smallest_peak" in rep:  # a refusal (see :func:`refusal`)
+            text = _refusal_html(rep) if e in (".html", ".htm") else _refusal_markdown(rep) if e == ".md" else None
+        else:
+            text = to_html(rep) if e in (".html", ".htm") else to_markdown(rep) if e == ".md" else None
+        text = text if text is not None else json.dumps(rep, indent=1, default=str)
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
     return paths
