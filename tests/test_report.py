@@ -50,6 +50,9 @@ def test_cli_plan_writes_three_reports(tmp_path, capsys):
     assert kinds == {"save", "recompute"} and all(d["source"].startswith("examples/gpt.py:") or not d["source"] for d in data["decisions"])
     assert any(d["module"].startswith("h.") for d in data["decisions"])  # the tracing wrapper's prefix is gone
     assert len(data["curve"]) >= 3 and data["curve"] == pareto(data["curve"])
+    # the chosen plan lies on its curve, and no plan on it peaks above the unchanged graph
+    assert data["curve_chosen"] in data["curve"], (data["curve_chosen"], data["curve"])
+    assert max(p for p, _ in data["curve"]) <= data["before"]["peak_bytes"]
     md = (tmp_path / "plan.md").read_text()
     assert data["verdict"] in md and "| technique | action |" in md
     html = out.read_text()

@@ -176,8 +176,17 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     # the budget-vs-time curve of the graph with the largest peak (the one a budget binds)
     big = max(records, key=lambda r: r.analysis.memory.peak_bytes)
     curve_src = next((c for c in big.candidates if c.get("curve")), None)
-    base_time = (big.before or big.analysis).time_s
-    curve = pareto([(int(p), base_time + float(t)) for p, t in (curve_src or {}).get("curve", [])])
+    base = big.before or big.analysis
+    base_time = base.time_s
+    points = [(int(p), base_time + float(t)) for p, t in (curve_src or {}).get("curve", [])]
+    # the unchanged graph is a point of the curve too: plans that peak above it and cost more time
+    # (90.29 MiB against an unchanged 57.71 on a 103 MiB step) are dominated and drop out
+    curve = pareto(points + [(int(base.memory.peak_bytes), base_time)]) if points else []
+    # the chosen plan, in the curve's own terms (its peak and recompute time on the graph's base time):
+    # the star sat below the curve's point at the same peak (122.46 ms against 133.43), drawn from the
+    # whole step's figures while the curve came from this graph's plans
+    chosen_point = ((big.plan.predicted_peak, base_time + big.plan.recompute_time_s) if big.plan is not None
+                    else (after.memory.peak_bytes, after.time_s))
     rep = {
         "memfit_version": __version__,
         "title": title,
@@ -196,6 +205,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
         "decision_groups": aggregate(decisions),
         "candidates": candidates,
         "curve": curve,
+        "curve_chosen": list(chosen_point),
         "reasons": reasons,
         "notes": notes,
         "timeline_before": _timeline(before),
@@ -462,7 +472,8 @@ def _plots(rep: dict) -> tuple[str, str]:
         ps = [p / scale for p, _ in rep["curve"]]
         ts = [t * 1e3 for _, t in rep["curve"]]
         ax.plot(ps, ts, "o-", color="#1f6feb", label="checkpoint plans evaluated")
-        ax.plot([rep["after"]["peak_bytes"] / scale], [rep["after"]["time_s"] * 1e3], "*", ms=14, color="#d1242f", label="chosen")
+        cp, ct = rep.get("curve_chosen") or (rep["after"]["peak_bytes"], rep["after"]["time_s"])
+        ax.plot([cp / scale], [ct * 1e3], "*", ms=14, color="#d1242f", label="chosen")
         if bud and bud["budget"]:
             ax.axvline(bud["budget"] / scale, color="#d1242f", ls="--", lw=1, label="budget")
         ax.set_xlabel(f"predicted peak ({unit})")
