@@ -73,6 +73,7 @@ def test_cpu_calibration_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MEMFIT_RECALIBRATE", raising=False)
     monkeypatch.setattr("memfit.planner.cost.CALIBRATION_SPREAD", math.inf)  # cached however busy the machine
+    monkeypatch.setattr("memfit.planner.cost.CALIBRATION_RUNS", 1)  # the spread has its own test
     calibrate_cpu.cache_clear()
     first = calibrate_cpu()
     path = _cpu_profile_path()
@@ -127,6 +128,7 @@ def test_a_cached_profile_that_no_calibration_produces_is_measured_over(tmp_path
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MEMFIT_RECALIBRATE", raising=False)
     monkeypatch.setattr("memfit.planner.cost.CALIBRATION_SPREAD", math.inf)
+    monkeypatch.setattr("memfit.planner.cost.CALIBRATION_RUNS", 1)
     calibrate_cpu.cache_clear()
     good = calibrate_cpu()
     path = _cpu_profile_path()
