@@ -275,12 +275,11 @@ def _target_problem(target: str) -> str | None:
     """What is wrong with TARGET that can be told without importing it (or torch): a missing file, a
     module that cannot be found. Mirrors ``memfit.trace.load_factory``, which says the rest."""
     import importlib.util
-    import os
-    import re
 
-    m = re.match(r"^(.*):([A-Za-z_][A-Za-z0-9_]*)$", target)
-    path = m.group(1) if m else target
-    if path.endswith(".py") or os.sep in path:
+    from memfit.config import split_target
+
+    path, _name, is_file = split_target(target)
+    if is_file:
         return None if os.path.isfile(path) else f"no such file: {path}"
     try:
         found = importlib.util.find_spec(path) is not None

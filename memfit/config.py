@@ -94,6 +94,16 @@ OPTIMIZER_STATES = {
 }
 
 
+def split_target(target: str) -> tuple[str, str, bool]:
+    """A CLI or ``memfit.analyze`` TARGET, ``file.py[:name]`` or ``pkg.module[:name]``, as (path or module,
+    factory name, whether it is a file). Here, without torch, so the CLI can check it before importing it."""
+    import re
+
+    m = re.match(r"^(.*):([A-Za-z_][A-Za-z0-9_]*)$", target)
+    path, name = (m.group(1), m.group(2)) if m else (target, "factory")
+    return path, name, path.endswith(".py") or os.sep in path
+
+
 def report_paths(path: str) -> list[str]:
     """The files a report at ``path`` is written as: ``path`` and the other two forms beside it (same
     stem). Raises ValueError for an extension that is not .html, .htm, .md or .json; the CLI checks it

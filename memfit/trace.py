@@ -26,7 +26,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
-from memfit.config import make_options
+from memfit.config import make_options, split_target
 from memfit.errors import is_note
 from memfit.measurement import to_loss
 from memfit.planner.analysis import StepAnalysis
@@ -38,11 +38,8 @@ class TargetError(ValueError):
 
 def load_factory(target: str) -> Callable[[], Any]:
     """Resolve ``file.py[:name]`` or ``pkg.module[:name]`` to the factory callable."""
-    name = "factory"
-    m = re.match(r"^(.*):([A-Za-z_][A-Za-z0-9_]*)$", target)
-    if m:
-        target, name = m.group(1), m.group(2)
-    if target.endswith(".py") or os.sep in target:
+    target, name, is_file = split_target(target)
+    if is_file:
         if not os.path.isfile(target):
             raise TargetError(f"no such file: {target}")
         mod_name = "_memfit_target_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(target))[0])
@@ -202,12 +199,8 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
     """
     be, param_bytes = trace_step(target, **options)
     analysis = be.step_analysis(param_bytes=param_bytes)
-    records = be.latest_records()
-    if any(r.before_pair is not None for r in records):  # a plan changed the step: show it beside
-        from memfit.planner.analysis import analyze_pairs
-
-        before = analyze_pairs([r.before_pair or r.pair for r in records], device=be.options.device,
-                               param_bytes=param_bytes, fused=be.fused)
+    if any(r.before_pair is not None for r in be.latest_records()):  # a plan changed the step: show it beside
+        before = be.before_analysis(param_bytes=param_bytes)
         if (before.memory.peak_bytes, before.memory.saved_bytes) != (analysis.memory.peak_bytes, analysis.memory.saved_bytes):
             analysis.before = before
     analysis.plans = [r.plan for r in be.records if r.plan is not None]

@@ -106,7 +106,7 @@ class MemfitBackend:
         try:
             attempt = self._search(compile_one, gm, example_inputs)
         except BudgetError as e:
-            self._write_refusal(e)
+            self._write_report(refused=e)
             raise
         if break_note is not None and attempt.records:
             attempt.records[0].notes.append(Note(break_note, None, "graph_break"))
@@ -314,6 +314,15 @@ class MemfitBackend:
             )
         return analysis
 
+    def before_analysis(self, param_bytes: int | None = None) -> StepAnalysis:
+        """The same step with no memfit pass: each graph's baseline partition (``before_pair``), and a
+        graph the plan left unchanged replayed from its buffer plans where Inductor compiled it (what
+        the report calls "before" and ``memfit analyze`` prints beside a plan)."""
+        records = self.latest_records()
+        unchanged = {k: v for r in records if r.before_pair is None for k, v in r.buffer_plans.items()}
+        return analyze_pairs([r.before_pair or r.pair for r in records], device=self.options.device,
+                             param_bytes=param_bytes, fused=self.fused, buffer_plans=unchanged or None)
+
     # -- report ------------------------------------------------------------------------------
     def report(self) -> dict:
         return {
@@ -325,31 +334,20 @@ class MemfitBackend:
             "graphs": [r.to_json() for r in self.records],
         }
 
-    def _write_report(self) -> None:
+    def _write_report(self, refused: BudgetError | None = None) -> None:
         """``report=`` ending in .html or .md: the planning report (all three forms, see
-        ``memfit.planner.report.write``); any other path: this backend's JSON record of every graph."""
-        path = self.options.report
-        if not path:
-            return
-        if path.lower().endswith((".html", ".htm", ".md")):
-            self.write_report(path)
-            return
-        with open(path, "w") as f:
-            json.dump(self.report(), f, indent=1)
-
-    def _write_refusal(self, err: BudgetError) -> None:
-        """``report=``: a refused compile writes a report that says so (it wrote none)."""
+        ``memfit.planner.report.write``); any other path: this backend's JSON record of every graph.
+        ``refused``: the compile was refused, and the report says so (a refusal wrote none)."""
         path = self.options.report
         if not path:
             return
         from memfit.planner import report as rp
 
-        rep = rp.refusal(err, graphs=len(self.records))
-        if path.lower().endswith((".html", ".htm", ".md", ".json")):
-            rp.write(rep, path)
-        else:
-            with open(path, "w") as f:
-                json.dump(rep, f, indent=1)
+        if path.lower().endswith((".html", ".htm", ".md")):
+            rp.write(rp.refusal(refused, graphs=len(self.records)) if refused else rp.build_report(self), path)
+            return
+        with open(path, "w") as f:
+            json.dump(rp.refusal(refused, graphs=len(self.records)) if refused else self.report(), f, indent=1)
 
     def write_report(self, path: str, *, title: str = "", measured: dict | None = None) -> list[str]:
         """Write the planning report of the graphs compiled so far (HTML, Markdown and JSON beside each

@@ -38,6 +38,7 @@ from scipy.sparse import coo_matrix
 
 from memfit.planner.cost import DeviceProfile, is_random, is_view, node_time, tensor_bytes
 from memfit.planner.shapes import data_dependent
+from memfit.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,6 @@ def _limits(forced_save, forced_recompute, bw_side) -> tuple[str, ...]:
                         ("tagged", "values tagged must-save are saved")):
         vals = [c for c, k in forced_save if k == kind and read(c) and isinstance(c.meta.get("val"), torch.Tensor)]
         if vals:
-            from memfit.units import format_bytes
-
             total = sum(tensor_bytes(c.meta["val"]) for c in vals)
             out.append(f"{words}: {len(vals)} values, {format_bytes(total)}")
     regions = {c.meta.get("ac_graph_id") for c in forced_recompute}
@@ -393,8 +392,6 @@ class _Search:
         self.probes.append(p)
         self.seen[p.saved] = p
         if self.progress:
-            from memfit.units import format_bytes
-
             # the peak and what it costs (the sum of saved bytes the program bounds counts values that
             # never live at once: "saving 523.08 MiB -> peak 138.60 MiB" on a 103 MiB step puzzled)
             self.progress(

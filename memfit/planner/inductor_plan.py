@@ -57,17 +57,14 @@ def _size(node) -> int:
     from torch._inductor.virtualized import V
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-    def free_unbacked(s):
-        return bool(free_unbacked_symbols(s))
+    from memfit.planner.shapes import size_bound
 
     try:
         size = V.graph.sizevars.simplify(V.graph.get_allocation_storage_size(node))
-        env = V.graph.sizevars.shape_env
-        if not any(free_unbacked(s) for s in size.free_symbols):
+        if free_unbacked_symbols(size):  # data-dependent: the bound memfit's own model uses (Inductor's
+            n = size_bound(size, shape_env=V.graph.sizevars.shape_env)  # fallback 0 hid these buffers)
+        else:
             n = V.graph.sizevars.optimization_hint(size, fallback=0)
-        else:  # data-dependent: the bound memfit's own model uses (Inductor's fallback 0 hid these buffers)
-            n = env.bound_sympy(size).upper
-            n = int(n) if n.is_finite else 4096
         return int(n) * get_dtype_size(node.get_dtype())
     except Exception:  # noqa: BLE001 - a buffer without a static size: counted as 0, the model's estimate stays
         return 0

@@ -160,9 +160,7 @@ def build_report(backend: Any, *, title: str = "", measured: dict | None = None)
     # verdict and the fit are read from the replay where there is one (``memfit plan`` on fake tensors
     # compiles nothing: the model only). A graph the plan left unchanged is replayed in "before" too.
     compiled = backend.step_analysis() if any(r.buffer_plans for r in records) else None
-    unchanged = {k: v for r in records if r.before_pair is None for k, v in r.buffer_plans.items()}
-    before = analyze_pairs([r.before_pair or r.pair for r in records], device=device, fused=fused,
-                           buffer_plans=unchanged or None)
+    before = backend.before_analysis()
     sb = records[-1].budget
     budget = sb.budget if sb is not None else None
     final = compiled or after

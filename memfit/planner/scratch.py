@@ -132,12 +132,7 @@ def _measured(op, key) -> int:
     from memfit.measurement import _cpu_window
 
     with _disable_current_modes(), torch.no_grad():
-        args = [
-            torch.zeros_strided(k[1], k[2], dtype=k[3]) if k[0] == "t" and hasattr(torch, "zeros_strided")
-            else torch.empty_strided(k[1], k[2], dtype=k[3]).zero_() if k[0] == "t"
-            else _unhashable(k[1])
-            for k in key
-        ]
+        args = [torch.empty_strided(k[1], k[2], dtype=k[3]).zero_() if k[0] == "t" else _unhashable(k[1]) for k in key]
         outs: list = []
 
         def run():

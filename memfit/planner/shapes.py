@@ -23,23 +23,24 @@ def _symbolic_value(v) -> bool:
     return False
 
 
-def size_bound(x, unbounded: int = 4096) -> int:
+def size_bound(x, unbounded: int = 4096, *, shape_env=None) -> int:
     """An int for a size: itself, a backed symbol's hint, or for a data-dependent (unbacked) size such
     as ``nonzero()``'s row count the upper end of the range the shape environment proves for it.
+    ``x``: an int, a ``SymInt``, or a sympy expression with its ``shape_env`` (Inductor's sizes).
 
     The upper end is what a budget can be checked against: a mixture-of-experts router's
     ``(top == i).nonzero()`` is bounded by its token count (256 of 256 tokens, not the 4096 that every
     unbacked size used to be read as, nor the 0 of Inductor's own fallback, which replayed a 1.54 MiB
     step as 906 KiB). ``unbounded``: the size used where no finite bound exists (a size of a size of
-    a symbolic input); :func:`unbounded_sizes` tells a technique when that happened."""
+    a symbolic input)."""
     if isinstance(x, int):
         return x
     node = getattr(x, "node", None)
     if node is not None and node.has_hint():
         return int(node.hint)
     expr = node.expr if node is not None else x
+    env = node.shape_env if node is not None else shape_env
     try:
-        env = node.shape_env if node is not None else None
         upper = env.bound_sympy(expr).upper if env is not None else None
         if upper is not None and upper.is_finite:
             return int(upper)
@@ -48,9 +49,13 @@ def size_bound(x, unbounded: int = 4096) -> int:
     return unbounded
 
 
+def _unbacked_size(s) -> bool:
+    return isinstance(s, torch.SymInt) and not s.node.has_hint()
+
+
 def unbacked(t) -> bool:
     """Whether tensor ``t`` has a data-dependent (unbacked) size."""
-    return isinstance(t, torch.Tensor) and any(isinstance(s, torch.SymInt) and not s.node.has_hint() for s in t.shape)
+    return isinstance(t, torch.Tensor) and any(_unbacked_size(s) for s in t.shape)
 
 
 DATA_DEPENDENT = "its size is data-dependent (known only when the step runs), so its codes cannot be laid out ahead"
@@ -65,7 +70,7 @@ def data_dependent(gm: torch.fx.GraphModule, *, key: str = "val") -> list[str]:
         v = n.meta.get(key)
         for t in v if isinstance(v, (list, tuple)) else [v]:
             sizes = list(t.shape) if isinstance(t, torch.Tensor) else [t] if isinstance(t, _SYM) else []
-            if any(isinstance(s, torch.SymInt) and not s.node.has_hint() for s in sizes):
+            if any(_unbacked_size(s) for s in sizes):
                 out.append(n.name)
                 break
     return out
