@@ -53,6 +53,11 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    try:  # a subpackage or module (memfit.hf, memfit.planner, ...), as the eager imports once made them
+        return importlib.import_module(f"memfit.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"memfit.{name}":
+            raise
     raise AttributeError(f"module 'memfit' has no attribute {name!r}")
 
 

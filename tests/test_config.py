@@ -122,3 +122,21 @@ def test_a_report_that_cannot_be_written_is_refused_at_the_options(tmp_path):
     with pytest.raises(memfit.OptionsError, match="is a folder"):  # through torch.compile: no compile first
         torch.compile(model, backend="memfit", options={"report": str(tmp_path)})(torch.randn(2, 4))
 
+
+
+def test_import_memfit_is_light_and_every_public_name_resolves():
+    """``import memfit`` loads no torch (the CLI checks its arguments first); names and subpackages
+    (``memfit.hf``, ``memfit.planner``) load on first use, as the eager imports once gave them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, memfit\n"
+        "assert 'torch' not in sys.modules\n"
+        "missing = [n for n in memfit.__all__ if getattr(memfit, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert callable(memfit.hf.compile) and memfit.planner.choice and memfit.backend.BudgetError\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr
