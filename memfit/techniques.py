@@ -10,7 +10,7 @@ Where a technique runs in one compile (see ``docs/layout.md``):
 * ``"dynamo"``: on Dynamo's FX graph, before AOTAutograd (``stream``: its regions become custom ops
   whose own backward runs chunk by chunk, so it must rewrite before autograd traces the joint graph);
 * ``"joint"``: on the joint forward+backward graph, deciding what the forward saves (``checkpoint``,
-  ``fewbit``);
+  ``share_norms``, ``fewbit``);
 * ``"backward"``: on the partitioned backward graph (``split_backward``).
 """
 
@@ -42,6 +42,8 @@ TECHNIQUES: dict[str, Technique] = {
     for t in (
         Technique("checkpoint", "memfit.passes.checkpoint", True, "yes", "joint",
                   "save or recompute each forward value"),
+        Technique("share_norms", "memfit.passes.share_norms", True, "yes", "joint",
+                  "norms' backward reads their output, so their input is not saved"),
         Technique("fewbit", "memfit.passes.fewbit", False, "approximate", "joint",
                   "few-bit codes of activation inputs instead of the inputs"),
         Technique("split_backward", "memfit.passes.split_backward", True, "no", "backward",

@@ -23,7 +23,7 @@ from memfit.compiler import planning
 from memfit.compiler.inner import InductorPartitioner, boxed_eager, compile_backward, inductor_inner_compile
 from memfit.compiler.planning import Planning
 from memfit.compiler.records import GraphRecord
-from memfit.errors import BudgetError, Note, is_note
+from memfit.errors import BudgetError, CantApply, Note, is_note
 from memfit.planner.analysis import analyze_pairs
 from memfit.planner.choice import Candidate
 from memfit.planner.memory import GraphPair, simulate
@@ -178,12 +178,24 @@ class Attempt:
                 fewbit_pass.decompose(joint, fewbit_pass.HELD_BACK)
         base = Candidate("unchanged", *ctx.baseline(), None, None)
         base.pair, base.analysis = ctx.analyse(base.fw, base.bw)
+        shared = None
+        if "share_norms" in self.passes and (self.options.passes != "auto" or (ctx.budget is not None and base.peak > ctx.budget)):
+            shared = planning.share_norms(self, ctx, base)
+            if shared is not None:
+                ctx.joint, ctx.share = shared.joint, shared.share
+                if rewritable is not None:
+                    try:
+                        rewritable = planning.share_copy(ctx, rewritable)
+                    except CantApply as e:
+                        ctx.notes.append(e.note("fewbit", f"fewbit: not tried: its copy of the graph could not "
+                                                          f"share the norms ({e.reason})"))
+                        rewritable = None
         try:
             if self.options.passes == "auto":
-                chosen, candidates = planning.choose(self, ctx, rewritable, base)
+                chosen, candidates = planning.choose(self, ctx, rewritable, base, shared)
                 chosen.joint = chosen.joint or joint
             else:
-                chosen, candidates = planning.named(self, ctx, rewritable, base), []
+                chosen, candidates = planning.named(self, ctx, rewritable, base, shared), []
         except BudgetError as e:  # a search that weighs this refusal against another compile reports from it
             e.baseline = (base.pair, base.analysis)
             raise
@@ -207,12 +219,13 @@ class Attempt:
         pending for its record."""
         compiler = kwargs.pop("compiler", "inductor")
 
-        def baseline():
+        def baseline(graph=None):
+            graph = joint if graph is None else graph
             if joint_partitioner == "mincut":
                 return min_cut_rematerialization_partition(
-                    joint, joint_inputs, compiler=compiler, num_fwd_outputs=num_fwd_outputs, **kwargs
+                    graph, joint_inputs, compiler=compiler, num_fwd_outputs=num_fwd_outputs, **kwargs
                 )
-            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+            return default_partition(graph, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
 
         primals = joint_inputs[0] if isinstance(joint_inputs, (list, tuple)) and joint_inputs else ()
         params = self.backend.param_inputs
@@ -247,7 +260,8 @@ class Attempt:
             ctx.name,
             chosen.pair,
             chosen.analysis,
-            partition="checkpoint" if plan is not None else ("fewbit" if fewbit_plan is not None else joint_partitioner),
+            partition="checkpoint" if plan is not None else ("fewbit" if fewbit_plan is not None else
+                                                             "share_norms" if chosen.share is not None else joint_partitioner),
             notes=ctx.notes,
             frame=getattr(cid, "frame_id", None),
             plan=plan,
@@ -258,7 +272,8 @@ class Attempt:
             budget=ctx.step_budget,
             candidates=candidates,
         )
-        record.decisions = decision_rows(ctx.name, chosen.joint, plan, fewbit_plan, split_plan)
+        record.share = chosen.share
+        record.decisions = decision_rows(ctx.name, chosen.joint, plan, fewbit_plan, split_plan, chosen.share)
         if not self.passes:
             record.notes.append(Note(
                 f"passes={self.options.passes!r}: no memory pass enabled; the graph was partitioned by the "

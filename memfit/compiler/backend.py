@@ -63,6 +63,7 @@ class MemfitBackend:
         """The graphs compiled so far (committed from the attempts kept), in compile order."""
         self.inference_graphs = 0
         self.param_inputs: tuple[bool, ...] | None = None
+        self.param_values: tuple = ()
         """Which inputs of the graph being compiled are parameters (see GraphPair)."""
         self.param_bytes: dict[int, int] = {}
         """id -> bytes of every live parameter the graphs took (the resident part of ``device_memory``); a
@@ -188,6 +189,9 @@ class MemfitBackend:
     def note_inputs(self, example_inputs: Sequence[Any]) -> None:
         """Remember which inputs of the graph about to be compiled are parameters (see GraphPair)."""
         self.param_inputs = tuple(isinstance(x, torch.nn.Parameter) for x in example_inputs)
+        # the parameters' values now, for checks that read them (share_norms: γ without zeros); weak, so a
+        # deleted model's parameters are not kept alive by a backend shared between compiles
+        self.param_values = tuple(weakref.ref(x) if isinstance(x, torch.nn.Parameter) else None for x in example_inputs)
         for x in example_inputs:
             if isinstance(x, torch.nn.Parameter) and id(x) not in self.param_bytes:
                 self.param_bytes[id(x)] = x.numel() * x.element_size()

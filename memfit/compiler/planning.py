@@ -56,14 +56,72 @@ class Planning:
     step_budget: Any = None
     limits: tuple = ()
     """What bounded the checkpoint planner's smallest peak (``BudgetError.limits``), for auto's refusal."""
+    share: Any = None
+    """The share-norms plan carried out in ``joint`` (every candidate planned on it carries it)."""
+
+    def label(self, technique: str) -> str:
+        """A candidate's label: ``technique`` on the shared joint reads ``"share_norms + technique"``."""
+        return f"share_norms + {technique}" if self.share is not None else technique
 
 
-def named(attempt, ctx: "Planning", rewritable, base: Candidate) -> Candidate:
-    """``passes=[...]`` named: few-bit where it lowers the peak, then a checkpoint plan where the graph
-    is still over the budget."""
-    chosen = Candidate("named", base.fw, base.bw, base.pair, base.analysis, joint=ctx.joint)
+def share_norms(attempt, ctx: "Planning", base: Candidate) -> Candidate | None:
+    """Plan and carry out the share-norms rewrite on a copy of the joint graph; kept where the
+    baseline partition of the rewritten graph has a lower predicted peak. Returns the candidate (the
+    rewritten joint and its partition) or None, the reasons in ``ctx.notes``."""
+    from memfit.passes import share_norms as share_pass
+    from memfit.planner import share_norms as planner
+
+    values = [r() if r is not None else None for r in getattr(attempt.backend, "param_values", ())]
+    plan = planner.plan(ctx.joint, ctx.num_fwd_outputs, values or None)
+    for _, reason in plan.skipped:
+        ctx.notes.append(Note(f"share_norms: {reason}; left as it is", "share_norms", "left_exact"))
+    if not plan.sites:
+        ctx.notes.append(Note("share_norms: no norm whose backward can read its output in this graph",
+                              "share_norms", "nothing_to_do"))
+        return None
+    joint = share_pass.clone(ctx.joint)
+    try:
+        share_pass.apply(joint, plan, ctx.num_fwd_outputs)
+        fw, bw = ctx.baseline(joint)
+    except CantApply as e:
+        ctx.notes.append(e.note("share_norms"))
+        warnings.warn(f"memfit: share_norms not applied to graph {ctx.name}: {e.reason}", stacklevel=3)
+        return None
+    pair, analysis = ctx.analyse(fw, bw)
+    before, after = base.peak, analysis.memory.peak_bytes
+    if after >= before:
+        ctx.notes.append(Note(
+            f"share_norms: not applied: predicted peak {format_bytes(after)} with {len(plan.sites)} norm(s) sharing "
+            f"their output, {format_bytes(before)} without (the {ctx.partition_name} partition's peak is not where "
+            "their inputs are saved)",
+            "share_norms", "not_applied",
+        ))
+        return None
+    ctx.notes.append(Note(
+        f"share_norms: {len(plan.sites)} norm(s) compute their backward from their output (exact); "
+        f"{format_bytes(plan.saved_bytes)} of inputs no longer read by the backward; predicted peak "
+        f"{format_bytes(before)} -> {format_bytes(after)}, step {1e3 * base.time_s:.3f} -> {1e3 * analysis.time_s:.3f} ms",
+        "share_norms", "applied",
+    ))
+    return Candidate("share_norms", fw, bw, pair, analysis, joint=joint, share=plan)
+
+
+def share_copy(ctx: "Planning", rewritable):
+    """The few-bit pass's copy of the joint graph, shared like ``ctx.joint`` (the same node names)."""
+    from memfit.passes import share_norms as share_pass
+
+    shared = share_pass.clone(rewritable)
+    share_pass.apply(shared, ctx.share, ctx.num_fwd_outputs)
+    return shared
+
+
+def named(attempt, ctx: "Planning", rewritable, base: Candidate, shared: Candidate | None = None) -> Candidate:
+    """``passes=[...]`` named: shared norms where they lower the peak (done by the caller: ``shared``),
+    few-bit where it lowers the peak, then a checkpoint plan where the graph is still over the budget."""
+    start = shared or base
+    chosen = Candidate("named", start.fw, start.bw, start.pair, start.analysis, joint=ctx.joint, share=ctx.share)
     if rewritable is not None:
-        got = fewbit(attempt, ctx, rewritable, base.bw, base.analysis, ctx.notes)
+        got = fewbit(attempt, ctx, rewritable, start.bw, start.analysis, ctx.notes)
         if got is not None:
             ctx.joint, chosen.fewbit, (chosen.fw, chosen.bw, chosen.pair, chosen.analysis) = got
             chosen.joint = ctx.joint
@@ -134,7 +192,7 @@ def plan_checkpoint(attempt, ctx: "Planning", joint, budget, profile, curve_poin
     return plan, (fw, bw, *ctx.analyse(fw, bw))
 
 
-def choose(attempt, ctx: "Planning", rewritable, base: Candidate):
+def choose(attempt, ctx: "Planning", rewritable, base: Candidate, shared: Candidate | None = None):
     """``passes="auto"``: evaluate the combinations of the enabled passes and keep the one of least
     predicted step time (roofline, recomputation and few-bit coding included) whose predicted peak fits
     (the rule: :func:`memfit.planner.choice.choose`).
@@ -155,10 +213,13 @@ def choose(attempt, ctx: "Planning", rewritable, base: Candidate):
         _curve_only(attempt, ctx, base)
         return base, [base.row(budget, chosen=True)]
     cands, smallest = [base], [base.peak]
+    if shared is not None:
+        cands.append(shared)
+        smallest.append(shared.peak)
     if "checkpoint" in attempt.passes:
         _checkpoint_candidate(attempt, ctx, base, cands, smallest)
     if rewritable is not None:
-        _fewbit_candidates(attempt, ctx, rewritable, base, cands, smallest)
+        _fewbit_candidates(attempt, ctx, rewritable, shared or base, cands, smallest)
     chosen, exact = choice.choose(cands, budget)
     if chosen is None:
         margin = choice.refusal_margin(attempt.fused, attempt.passes)
@@ -201,7 +262,7 @@ def _checkpoint_candidate(attempt, ctx: "Planning", base: Candidate, cands: list
         plan, (fw, bw, pair, analysis) = plan_checkpoint(attempt, 
             ctx, ctx.joint, ctx.budget, base.analysis.profile, attempt.backend.curve_points
         )
-        c = Candidate("checkpoint", fw, bw, pair, analysis, plan=plan, joint=ctx.joint)
+        c = Candidate(ctx.label("checkpoint"), fw, bw, pair, analysis, plan=plan, joint=ctx.joint, share=ctx.share)
         c.notes.append(checkpoint_note(plan, ctx.budget, analysis))
         c.curve = plan.frontier
         cands.append(c)
@@ -215,7 +276,8 @@ def _checkpoint_candidate(attempt, ctx: "Planning", base: Candidate, cands: list
         if e.fallback is not None:
             plan, (fw, bw, pair, analysis) = e.fallback
             c = Candidate(
-                "checkpoint (smallest peak)", fw, bw, pair, analysis, plan=plan, joint=ctx.joint, over_budget=True
+                ctx.label("checkpoint (smallest peak)"), fw, bw, pair, analysis, plan=plan, joint=ctx.joint,
+                share=ctx.share, over_budget=True,
             )
             c.curve = plan.frontier
             cands.append(c)
@@ -234,7 +296,8 @@ def _fewbit_candidates(attempt, ctx: "Planning", rewritable, base: Candidate, ca
             ctx.notes.extend(local)
             break
         fb_joint, fb_plan, (fw, bw, pair, analysis) = got
-        c = Candidate(f"fewbit {bits}-bit", fw, bw, pair, analysis, fewbit=fb_plan, joint=fb_joint, exact=False)
+        c = Candidate(ctx.label(f"fewbit {bits}-bit"), fw, bw, pair, analysis, fewbit=fb_plan, joint=fb_joint,
+                      share=ctx.share, exact=False)
         c.notes.extend(local)
         by_bits[bits] = c
         smallest.append(c.peak)
@@ -247,8 +310,8 @@ def _fewbit_candidates(attempt, ctx: "Planning", rewritable, base: Candidate, ca
             try:
                 plan, (fw, bw, pair, analysis) = plan_checkpoint(attempt, ctx, combo.joint, ctx.budget, base.analysis.profile)
                 c = Candidate(
-                    f"fewbit {combo.fewbit.bits}-bit + checkpoint", fw, bw, pair, analysis, plan=plan,
-                    fewbit=combo.fewbit, joint=combo.joint, exact=False,
+                    ctx.label(f"fewbit {combo.fewbit.bits}-bit + checkpoint"), fw, bw, pair, analysis, plan=plan,
+                    fewbit=combo.fewbit, joint=combo.joint, share=ctx.share, exact=False,
                 )
                 c.notes.extend(combo.notes)
                 c.notes.append(checkpoint_note(plan, ctx.budget, analysis))
@@ -344,4 +407,4 @@ def split(attempt, fw, bw, num_fwd_outputs, primal_names, params, name, notes):
     return plan
 
 
-__all__ = ["Planning", "checkpoint_note", "choose", "fewbit", "named", "plan_checkpoint", "split"]
+__all__ = ["Planning", "checkpoint_note", "choose", "fewbit", "named", "plan_checkpoint", "share_copy", "share_norms", "split"]

@@ -28,6 +28,8 @@ class GraphRecord:
     """The few-bit plan carried out, if any."""
     split: Any = None
     """The split-backward plan carried out, if any."""
+    share: Any = None
+    """The share-norms plan carried out, if any."""
     before_pair: GraphPair | None = None
     before: StepAnalysis | None = None
     """The analysis of the graph as plain ``torch.compile`` would partition it (no memfit pass)."""
@@ -70,6 +72,8 @@ class GraphRecord:
             out["fewbit_plan"] = self.fewbit.to_json()
         if self.split is not None:
             out["split_backward_plan"] = self.split.to_json()
+        if self.share is not None:
+            out["share_norms_plan"] = self.share.to_json()
         return out
 
 

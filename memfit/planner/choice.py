@@ -89,6 +89,8 @@ class Candidate:
     plan: Any = None
     fewbit: Any = None
     joint: Any = None
+    share: Any = None
+    """The :class:`~memfit.planner.share_norms.SharePlan` carried out in ``joint`` (None: not shared)."""
     exact: bool = True
     over_budget: bool = False
     """The smallest-peak plan kept because none fits (its fused peak may still be under the budget: it

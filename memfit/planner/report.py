@@ -32,7 +32,7 @@ from memfit.planner.memory import source_of
 # -- decisions -------------------------------------------------------------------------------
 
 
-def decision_rows(graph: str, joint: Any, plan: Any, fewbit_plan: Any, split_plan: Any) -> list[dict]:
+def decision_rows(graph: str, joint: Any, plan: Any, fewbit_plan: Any, split_plan: Any, share_plan: Any = None) -> list[dict]:
     """One row per value a pass decided about: graph, technique, action, value, op, bytes, module, source."""
     nodes = {n.name: n for n in joint.graph.nodes} if joint is not None else {}
     rows: list[dict] = []
@@ -65,6 +65,11 @@ def decision_rows(graph: str, joint: Any, plan: Any, fewbit_plan: Any, split_pla
                     continue  # an alias of a value listed on its own row: no memory, no compute of its own
                 vals = node_vals(node) if node is not None else []
                 row("checkpoint", action, name, sum(tensor_bytes(v) for v in vals), node=node)
+    if share_plan is not None:
+        for site in share_plan.sites:
+            row("share_norms", "backward reads output", site.input, site.saved_bytes,
+                detail=f"{site.kind}: its backward reads {site.output} (saved for the next op's backward) instead of "
+                f"its input {site.input}", module=site.module, source=site.source)
     if fewbit_plan is not None:
         for site in fewbit_plan.sites:
             row(
@@ -111,7 +116,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     for g in groups.values():
         g["layers"] = _ranges(sorted(g["layers"]))
         out.append(g)
-    order = {"fewbit": 0, "split_backward": 1, "checkpoint": 2}
+    order = {"fewbit": 0, "split_backward": 1, "share_norms": 2, "checkpoint": 3}
     out.sort(key=lambda g: (order.get(g["technique"], 3), g["action"] != "recompute", -g["bytes"]))
     return out
 
