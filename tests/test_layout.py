@@ -106,17 +106,17 @@ def test_budget_and_option_errors_are_caught_by_their_flat_names():
 
 
 def test_the_registry_is_where_the_passes_are_worked_out():
-    assert set(techniques.PASSES) == {"checkpoint", "fewbit", "split_backward", "stream"}
+    assert set(techniques.PASSES) == {"checkpoint", "share_norms", "fewbit", "split_backward", "stream"}
     assert techniques.APPROXIMATE == {"fewbit"}
-    assert techniques.enabled("auto") == ("checkpoint",)
-    assert techniques.enabled("auto", allow_approximation=True) == ("checkpoint", "fewbit")
+    assert techniques.enabled("auto") == ("checkpoint", "share_norms")
+    assert techniques.enabled("auto", allow_approximation=True) == ("checkpoint", "share_norms", "fewbit")
     assert techniques.enabled(("stream", "checkpoint")) == ("stream", "checkpoint")
-    assert techniques.stage_passes("auto") == ["checkpoint"]
-    assert memfit.backend(passes="auto").passes == ("checkpoint",)
+    assert techniques.stage_passes("auto") == ["checkpoint", "share_norms"]
+    assert memfit.backend(passes="auto").passes == ("checkpoint", "share_norms")
     from memfit.pipelining import stage_options
 
-    assert stage_options().passes == ("checkpoint", "split_backward")
-    with pytest.raises(ValueError, match="accepted pass names: checkpoint, fewbit, split_backward, stream"):
+    assert stage_options().passes == ("checkpoint", "share_norms", "split_backward")
+    with pytest.raises(ValueError, match="accepted pass names: checkpoint, fewbit, share_norms, split_backward, stream"):
         memfit.backend(passes=["nope"])
 
 

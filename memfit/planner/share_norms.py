@@ -48,6 +48,7 @@ from memfit.planner.memory import source_of
 aten = torch.ops.aten
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
+_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
           aten.permute.default, aten.alias.default, aten.detach.default, aten.expand.default,
           aten.squeeze.dim, aten.unsqueeze.default, aten.transpose.int}
@@ -223,6 +224,7 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, values: Sequence[Any
     from torch._functorch.partitioners import _is_primal
 
     fwd = _forward_needed(joint, num_fwd_outputs)
+    order = {n: i for i, n in enumerate(joint.graph.nodes)}
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and _is_primal(n)]
     real = {}
     if values is not None and len(values) == len(primals):
@@ -235,6 +237,9 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, values: Sequence[Any
         module, source = source_of(s["node"])
         label = f"{s['kind']} at {source or module or where}"
         xv, yv = _val(x), _val(y)
+        cast = next((u for u in y.users if _is(u, *_CASTS)), None) if y is s["xhat"] else None
+        if cast is not None:  # x̂ rounded to the model's dtype before γ (HF's RMSNorm in a bf16 model)
+            yv = _val(cast)
         if xv is None or yv is None or xv.dtype != yv.dtype or xv.dtype not in _EXACT_DTYPES:
             skipped.append((where, f"{label}: computes in {getattr(xv, 'dtype', '?')} with output in "
                                    f"{getattr(yv, 'dtype', '?')}; recovering its input from the output is exact only "
@@ -255,8 +260,13 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, values: Sequence[Any
                    for u in v.users if u not in fwd}
         own = {s["backward_op"]} if s["backward_op"] is not None else set()
         reads_y = any(u not in fwd for v in _view_closure(y) for u in v.users)
+        early = [u for u in readers if order[u] < order[y]]
         if not readers:
             skipped.append((where, f"{label}: the backward does not read its input (the partition recomputes the norm)"))
+            continue
+        if early:
+            skipped.append((where, f"{label}: its input is also read for another backward ({early[0].name}), so it "
+                                   "stays saved"))
             continue
         if not reads_y:
             skipped.append((where, f"{label}: nothing else in the backward reads its output, so reading it would "
