@@ -6,7 +6,8 @@
 2. Gradient error: for every activation and bit width, the relative L2 error of the input gradient
    against the exact one on standard-normal inputs (through the memfit ops), beside the table's.
 3. Convergence: a nanoGPT-style GPT trained on a fixed generated corpus, exact vs 2-bit vs 3-bit
-   GELU codes (same seed, same batches): held-out losses at the end and measured peaks.
+   GELU codes, and 2-bit with Approx-BP's ReGELU2 table; the same GPT with SiLU, exact vs 2-bit optimal
+   vs Approx-BP's ReSiLU2 (same seed, same batches): held-out losses at the end and measured peaks.
 
     python benchmarks/fewbit.py [--steps 300] [--out results.json]
 """
@@ -115,6 +116,16 @@ def error_rows() -> list[dict]:
             rows.append({"activation": kind, "bits": bits, "measured": err, "table": t.rel_error})
             cells.append(f"{100 * err:8.2f}% / {100 * t.rel_error:6.2f}%")
         print(f"{kind:11} " + " ".join(c.rjust(20) for c in cells))
+    print("Approx-BP's 2-bit tables (fewbit_tables='approx_bp'), the same inputs:")
+    for kind in T.APPROX_BP:
+        (exact,) = torch.autograd.grad(fns[kind](x), x, g)
+        t = T.table(kind, 2, source="approx_bp")
+        codes = torch.ops.memfit.fewbit_pack(x.detach(), list(t.boundaries), 2)
+        approx = torch.ops.memfit.fewbit_grad(g, codes, list(t.levels), 2)
+        err = float((approx - exact).norm() / exact.norm())
+        rows.append({"activation": kind, "bits": 2, "tables": "approx_bp", "measured": err, "table": t.rel_error})
+        print(f"{kind:11} {f'{100 * err:8.2f}% / {100 * t.rel_error:6.2f}%'.rjust(20)}  "
+              f"(optimal 2-bit: {100 * T.table(kind, 2).rel_error:.2f}%)")
     return rows
 
 
@@ -138,12 +149,16 @@ def _batch(data: torch.Tensor, gen: torch.Generator, batch: int = 16, seq: int =
     return x, y
 
 
-def train(bits: int | None, data: torch.Tensor, steps: int, vocab: int) -> dict:
+def train(bits: int | None, data: torch.Tensor, steps: int, vocab: int, tables: str = "optimal",
+          act: str = "gelu") -> dict:
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(vocab_size=vocab, block_size=64, n_layer=2, n_head=4, n_embd=128)
     model = gpt.GPT(cfg)
+    if act == "silu":
+        for block in model.h:
+            block.mlp.gelu = nn.SiLU()
     passes = ("fewbit",) if bits else ()
-    be = memfit.backend(passes=passes, fewbit_bits=bits or 2)
+    be = memfit.backend(passes=passes, fewbit_bits=bits or 2, fewbit_tables=tables)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=be)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -163,19 +178,23 @@ def train(bits: int | None, data: torch.Tensor, steps: int, vocab: int) -> dict:
         final = sum(model(*_batch(data, held_out, batch=64)).item() for _ in range(8)) / 8
     peak = measure(training_step(compiled, (x, y)), repeat=1).peak_bytes
     sites = sum(len(r.fewbit.sites) for r in be.records if r.fewbit is not None)
-    return {"bits": bits, "losses": losses, "final": final, "peak": peak, "time_s": elapsed, "sites": sites}
+    return {"bits": bits, "tables": tables, "act": act, "losses": losses, "final": final, "peak": peak,
+            "time_s": elapsed, "sites": sites}
 
 
 def convergence(steps: int) -> list[dict]:
     print(f"\n3. convergence: nanoGPT (2 layers, 128 wide), {steps} AdamW steps on a generated corpus, inductor")
     vocab = 32
     data = corpus(vocab=vocab)
-    runs = [train(bits, data, steps, vocab) for bits in (None, 2, 3)]
-    exact = runs[0]["final"]
+    settings = [(None, "optimal", "gelu"), (2, "optimal", "gelu"), (2, "approx_bp", "gelu"), (3, "optimal", "gelu"),
+                (None, "optimal", "silu"), (2, "optimal", "silu"), (2, "approx_bp", "silu")]
+    runs = [train(bits, data, steps, vocab, tables, act) for bits, tables, act in settings]
+    exact = {r["act"]: r["final"] for r in runs if r["bits"] is None}
     for r in runs:
-        label = "exact" if r["bits"] is None else f"{r['bits']}-bit GELU"
-        rel = (r["final"] - exact) / exact
-        print(f"{label:13} held-out loss {r['final']:.4f}  vs exact {100 * rel:+6.2f}%  "
+        label = (f"exact {r['act'].upper()}" if r["bits"] is None
+                 else f"{r['bits']}-bit {r['act'].upper()}{' Approx-BP' if r['tables'] == 'approx_bp' else ''}")
+        rel = (r["final"] - exact[r["act"]]) / exact[r["act"]]
+        print(f"{label:20} held-out loss {r['final']:.4f}  vs exact {100 * rel:+6.2f}%  "
               f"peak {format_bytes(r['peak'])}  coded sites {r['sites']}  {r['time_s']:.1f} s", flush=True)
     return runs
 

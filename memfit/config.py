@@ -47,6 +47,11 @@ class Options:
     """A ``memfit.calibrate_fewbit(...)`` result: weight the few-bit tables by the measured inputs of
     each activation kind instead of a standard normal."""
 
+    fewbit_tables: str = "optimal"
+    """Which piecewise-constant derivatives the few-bit codes look up: ``"optimal"`` (least derivative
+    error for the weighting) or ``"approx_bp"`` (Approx-BP's ReGELU2 / ReSiLU2 for GELU and SiLU at 2
+    bits; other activations keep the optimal table). See ``docs/fewbit.md`` for the two compared."""
+
     device_memory: int | None = None
     """The whole device's memory (``"80GiB"``), instead of ``budget``: the step's budget is what is
     left after the resident bytes (parameters, optimizer state from ``optimizer``, or on a GPU the
@@ -193,6 +198,14 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
                 "memfit.calibrate_fewbit(fn, *args)"
             )
 
+    from memfit.kernels.fewbit_tables import TABLE_SOURCES
+
+    fewbit_tables = merged.get("fewbit_tables", "optimal")
+    if fewbit_tables not in TABLE_SOURCES:
+        raise ValueError(f"fewbit_tables={fewbit_tables!r} is not known; accepted: {', '.join(TABLE_SOURCES)}")
+    if fewbit_tables == "approx_bp" and bits != 2:
+        raise ValueError(f"fewbit_tables='approx_bp' has 2-bit tables only; got fewbit_bits={bits} (set fewbit_bits=2)")
+
     device_memory = parse_bytes(merged.get("device_memory"), what="device_memory")
     if device_memory is not None and budget is not None:
         raise ValueError(
@@ -230,6 +243,7 @@ def make_options(options: dict[str, Any] | None = None, **kwargs: Any) -> Option
         report=report,
         fewbit_bits=int(bits),
         fewbit_calibration=calibration,
+        fewbit_tables=fewbit_tables,
         device_memory=device_memory,
         optimizer=optimizer,
         allow_approximation=approx,

@@ -117,7 +117,7 @@ def test_auto_with_approximation_chooses_least_predicted_time_that_fits(fraction
     cands = rec.candidates
     labels = [c["label"] for c in cands]
     assert labels[0] == "unchanged" and any(lbl.endswith("checkpoint") for lbl in labels), labels
-    assert any(lbl.startswith("fewbit") for lbl in labels), labels  # approximation was considered
+    assert any("fewbit" in lbl for lbl in labels), labels  # approximation was considered
     chosen = [c for c in cands if c["chosen"]]
     assert len(chosen) == 1 and chosen[0] is _chosen_by_rule(cands)
     assert chosen[0]["fits"] and chosen[0]["peak"] <= budget

@@ -332,7 +332,7 @@ def fewbit(attempt, ctx: "Planning", rewritable, baseline_bw, baseline, notes, b
     from memfit.planner import fewbit as fewbit_planner
 
     bits = attempt.options.fewbit_bits if bits is None else bits
-    plan = fewbit_planner.plan(rewritable, bits, attempt.options.fewbit_calibration)
+    plan = fewbit_planner.plan(rewritable, bits, attempt.options.fewbit_calibration, attempt.options.fewbit_tables)
     for node, reason in plan.skipped:
         notes.append(Note(f"fewbit: {node} left exact: {reason}", "fewbit", "left_exact"))
     if not plan.sites:
@@ -368,7 +368,8 @@ def fewbit(attempt, ctx: "Planning", rewritable, baseline_bw, baseline, notes, b
         ))
         return None
     notes.append(Note(
-        f"fewbit: {len(plan.sites)} activation derivative(s) at {plan.bits} bits (approximate gradients), "
+        f"fewbit: {len(plan.sites)} activation derivative(s) at {plan.bits} bits (approximate gradients"
+        f"{', Approx-BP tables for GELU and SiLU' if plan.table_source == 'approx_bp' else ''}), "
         f"{len(dropped)} saved input(s) replaced by codes; predicted peak {format_bytes(before)} -> "
         f"{format_bytes(after)}",
         "fewbit", "applied",

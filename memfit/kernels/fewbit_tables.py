@@ -212,10 +212,48 @@ def _tables(kind: str, param: float | None, histogram: Histogram | None) -> dict
     return out
 
 
-def table(kind: str, bits: int, *, param: float | None = None, histogram: Histogram | None = None) -> Table:
-    """The cached optimal table for ``kind`` at ``bits`` (1..4) bits."""
+#: Approx-BP's ReGELU2 and ReSiLU2 (Yang et al., ICML 2024, arXiv 2406.16282): the backward of
+#: ``h(x) = sum_i a_i * relu(x - c_i)`` (sum a_i = 1, sum a_i c_i = 0) in place of the activation's,
+#: with the ``a``, ``c`` the paper's authors published for 2 bits. Its derivative is piecewise constant:
+#: 0 below c_1, then a_1, a_1 + a_2, and 1 above c_3; a 2-bit code of x says which piece. The thresholds
+#: come from fitting h to the function (their theory), where :func:`table` fits the derivative: so these
+#: tables have the larger derivative error (see ``docs/fewbit.md``), kept as an option to compare.
+APPROX_BP = {
+    "gelu": ((-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
+             (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)),
+    "silu": ((-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
+             (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)),
+}
+APPROX_BP["gelu_tanh"] = APPROX_BP["gelu"]  # tanh-approximated GELU (GPT-2's gelu_new): ReGELU2 too
+TABLE_SOURCES = ("optimal", "approx_bp")
+
+
+@functools.lru_cache(maxsize=None)
+def _approx_bp(kind: str, histogram: Histogram | None) -> Table:
+    a, c = APPROX_BP[kind]
+    levels = tuple(float(v) for v in np.concatenate([[0.0], np.cumsum(a)]))
+    edges, w = _cells(histogram, GRID_LIMIT, GRID_CELLS)
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    fp = derivative(kind, mid, None)
+    q = np.asarray(levels)[sum((mid > s).astype(np.int64) for s in c)]
+    mse, second = float(np.sum(w * (fp - q) ** 2)), float(np.sum(w * fp * fp))
+    return Table(kind=kind, bits=2, boundaries=tuple(float(np.float32(s)) for s in c), levels=levels, mse=mse,
+                 rel_error=math.sqrt(mse / second) if second > 0 else 0.0)
+
+
+def table(kind: str, bits: int, *, param: float | None = None, histogram: Histogram | None = None,
+          source: str = "optimal") -> Table:
+    """The cached table for ``kind`` at ``bits`` (1..4) bits: the optimal one, or with
+    ``source="approx_bp"`` Approx-BP's published 2-bit table where it has one (:data:`APPROX_BP`; other
+    activations keep the optimal table)."""
     if kind not in ACTIVATIONS:
         raise ValueError(f"no few-bit table for activation {kind!r}; accepted: {', '.join(ACTIVATIONS)}")
     if bits not in BITS:
         raise ValueError(f"bits={bits!r} is not supported; accepted: {', '.join(map(str, BITS))}")
+    if source not in TABLE_SOURCES:
+        raise ValueError(f"unknown few-bit table source {source!r}; accepted: {', '.join(TABLE_SOURCES)}")
+    if source == "approx_bp" and kind in APPROX_BP:
+        if bits != 2:
+            raise ValueError(f"Approx-BP's tables are 2-bit; got bits={bits} (use fewbit_bits=2 with fewbit_tables='approx_bp')")
+        return _approx_bp(kind, histogram)
     return _tables(kind, None if param is None else float(param), histogram)[bits]

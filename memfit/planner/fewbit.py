@@ -159,6 +159,8 @@ class FewbitPlan:
     skipped: tuple[tuple[str, str], ...]
     """(node, reason) for every derivative op left exact."""
     calibrated: bool = False
+    table_source: str = "optimal"
+    """``"optimal"`` or ``"approx_bp"`` (the ``fewbit_tables`` option; at 2 bits, GELU and SiLU)."""
 
     @property
     def bytes_saved(self) -> int:
@@ -168,6 +170,7 @@ class FewbitPlan:
         return {
             "bits": self.bits,
             "calibrated": self.calibrated,
+            "table_source": self.table_source,
             "sites": [s.to_json() for s in self.sites],
             "skipped": [{"node": n, "reason": r} for n, r in self.skipped],
         }
@@ -214,7 +217,8 @@ def _aliases(value: torch.fx.Node) -> list[torch.fx.Node]:
     return group
 
 
-def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None = None) -> FewbitPlan:
+def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None = None,
+         table_source: str = "optimal") -> FewbitPlan:
     """Every rewritable derivative op or activation chain of the joint graph, and why each other one
     is left exact."""
     from memfit.planner import fewbit_chains
@@ -226,7 +230,7 @@ def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None
     consumed: set[str] = set()
     by_name = {n.name: n for n in joint.graph.nodes}
     for match in chains.matches:
-        got = _chain_site(match, by_name, bw, bits, calibration)
+        got = _chain_site(match, by_name, bw, bits, calibration, table_source)
         if isinstance(got, str):
             skipped.append((match.grad_x, got))
             continue
@@ -271,7 +275,7 @@ def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None
             )
             continue
         hist = calibration.get(kind) if calibration is not None else None
-        t = tables.table(kind, bits, param=param, histogram=hist)
+        t = tables.table(kind, bits, param=param, histogram=hist, source=table_source if bits == 2 else "optimal")
         module, source = source_of(saved)
         sites.append(
             FewbitSite(
@@ -292,10 +296,11 @@ def plan(joint: torch.fx.GraphModule, bits: int, calibration: Calibration | None
         )
     order = {n.name: i for i, n in enumerate(joint.graph.nodes)}
     sites.sort(key=lambda s: order[s.backward])
-    return FewbitPlan(bits=bits, sites=tuple(sites), skipped=tuple(skipped), calibrated=calibration is not None)
+    return FewbitPlan(bits=bits, sites=tuple(sites), skipped=tuple(skipped), calibrated=calibration is not None,
+                      table_source=table_source)
 
 
-def _chain_site(match, by_name, bw, bits, calibration) -> FewbitSite | str:
+def _chain_site(match, by_name, bw, bits, calibration, table_source="optimal") -> FewbitSite | str:
     """A chain's site: the forward values its backward alone read become one code of ``x``.
 
     The rewrite removes the backward component and, with it, the backward-only forward nodes that
@@ -324,7 +329,7 @@ def _chain_site(match, by_name, bw, bits, calibration) -> FewbitSite | str:
         )
     val = x.meta["val"]
     hist = calibration.get(match.kind) if calibration is not None else None
-    t = tables.table(match.kind, bits, histogram=hist)
+    t = tables.table(match.kind, bits, histogram=hist, source=table_source if bits == 2 else "optimal")
     y = by_name[match.y]
     module, source = source_of(y)
     dropped.sort(key=lambda v: v is not x)  # x first: it is what the codes stand for
