@@ -94,6 +94,12 @@ def _add_analyze(sub) -> None:
         metavar="N",
         help="bits per element of few-bit activation codes, 1-4 (with --passes fewbit; default: 2)",
     )
+    a.add_argument(
+        "--fewbit-tables",
+        default="optimal",
+        choices=("optimal", "approx_bp"),
+        help="few-bit derivative tables: optimal (default) or approx_bp (Approx-BP's ReGELU2/ReSiLU2, 2 bits)",
+    )
     a.add_argument("--top", type=int, default=10, metavar="N", help="how many saved values to list (default: 10)")
     a.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -258,6 +264,7 @@ def _analyze(args: argparse.Namespace) -> int:
             budget=args.budget,
             passes=args.passes,
             fewbit_bits=args.fewbit_bits,
+            fewbit_tables=args.fewbit_tables,
         )
     elapsed = time.perf_counter() - t0
     print(analysis.format(top=args.top, title=f"memfit analyze {args.target}  ({args.inner} graphs, {elapsed:.1f} s)"))
@@ -300,7 +307,7 @@ def _check_early(args: argparse.Namespace) -> None:
         if args.top < 0:
             raise ValueError(f"--top {args.top} must be >= 0")
         make_options(inner=args.inner, device=args.device, budget=args.budget, passes=args.passes,
-                     fewbit_bits=args.fewbit_bits)
+                     fewbit_bits=args.fewbit_bits, fewbit_tables=args.fewbit_tables)
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json!r} is a folder; give a file path")
         return

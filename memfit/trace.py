@@ -214,9 +214,9 @@ def analyze(target: str | Callable[[], Any], **options: Any) -> StepAnalysis:
 
 
 def _analysis_note(note: str) -> bool:
-    """The notes ``memfit analyze`` prints: every checkpoint, split-backward and auto decision, what fits
+    """The notes ``memfit analyze`` prints: every checkpoint, share-norms, split-backward and auto decision, what fits
     unchanged, and why few-bit did not apply (sites it left exact follow, after the rest)."""
-    return (getattr(note, "technique", None) in ("checkpoint", "split_backward", "auto")
+    return (getattr(note, "technique", None) in ("checkpoint", "split_backward", "auto", "share_norms")
             or is_note(note, "not_needed")
             or (getattr(note, "technique", None) == "fewbit" and getattr(note, "code", None) in ("not_applied", "nothing_to_do")))
 

@@ -194,6 +194,40 @@ def test_gradients_are_the_few_bit_gradients(kind, inner):
         assert not torch.allclose(grads[0], exact[0], rtol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["gelu", "silu"])
+def test_approx_bp_tables_are_the_published_relu_derivatives(kind):
+    """``fewbit_tables="approx_bp"``: the 2-bit site carries ReGELU2's / ReSiLU2's table (levels 0, a1,
+    a1 + a2, 1 at the published thresholds), the gradient is that table's, and its derivative error is
+    larger than the optimal table's (what docs/fewbit.md compares)."""
+    torch.manual_seed(0)
+    model = MLP(ACTS[kind], width=200)
+    a, c = T.APPROX_BP[kind]
+    table = T.table(kind, 2, source="approx_bp")
+    assert table.boundaries == tuple(float(torch.tensor(v).item()) for v in c)
+    assert table.levels == pytest.approx((0.0, a[0], a[0] + a[1], 1.0))
+    assert table.rel_error > T.table(kind, 2).rel_error
+    ref = copy.deepcopy(model)
+    ref.act = lambda x: _FewbitRef.apply(x, ACTS[kind], table)
+    be = memfit.backend(passes=["fewbit"], inner="eager", fewbit_tables="approx_bp")
+    x = torch.randn(64, 16)
+    loss, grads = _grads(torch.compile(model, backend=be), x)
+    loss_ref, grads_ref = _grads(ref, x)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    (record,) = be.records
+    (site,) = record.fewbit.sites
+    assert record.fewbit.table_source == "approx_bp" and site.levels == table.levels
+    assert site.code_bytes == 1600 * 2 and any("Approx-BP" in n for n in record.notes)  # 2 bits: as the optimal
+
+
+def test_approx_bp_option_is_checked():
+    with pytest.raises(ValueError, match="2-bit tables only.*fewbit_bits=3"):
+        memfit.backend(passes=["fewbit"], fewbit_tables="approx_bp", fewbit_bits=3)
+    with pytest.raises(ValueError, match="fewbit_tables='regelu'.*optimal, approx_bp"):
+        memfit.backend(passes=["fewbit"], fewbit_tables="regelu")
+
+
 def _saved(record):
     fw = record.pair.forward
     outs = list(fw.graph.nodes)[-1].args[0][record.pair.num_user_outputs :]
