@@ -97,6 +97,8 @@ def test_llama_7b_config_on_fake_tensors_under_two_minutes(capsys):
         (["analyze", "no_such_module_abc"], "cannot import module"),
         (["analyze", "examples/gpt.py", "--budget", "5GiBB"], "budget='5GiBB' is not a size"),
         (["analyze", "examples/gpt.py", "--top", "-1"], "--top -1 must be >= 0"),
+        (["analyze", "examples/gpt.py", "--passes", "fewbit", "--fewbit-tables", "approx_bp", "--fewbit-bits", "3"],
+         "2-bit tables only"),
         (["plan", "examples/gpt.py", "--budget", "1GiB", "--passes", "checkpint"], "unknown pass 'checkpint'"),
         (["plan", "examples/gpt.py", "--budget", "1GiB", "--report", "r.txt"], "must end in .html, .md or .json"),
         (["bench", "examples/gpt.py", "--budget", "1GiB", "--repeat", "0"], "--repeat 0 must be >= 1"),
