@@ -132,6 +132,9 @@ def assert_planned_or_declined(be, *, need_plan=True):
         if r.plan is not None:
             planned += 1
             assert r.plan.recomputed and (budget is None or r.plan.predicted_peak <= budget), r.name
+        elif r.share is not None:  # the norms' shared inputs alone brought it under the budget
+            planned += 1
+            assert budget is None or r.analysis.memory.peak_bytes <= budget, r.name
         else:
             fits = budget is not None and r.analysis.memory.peak_bytes <= budget
             assert fits or r.notes, f"{r.name}: unchanged with no reason recorded"
