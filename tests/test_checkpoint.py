@@ -217,3 +217,43 @@ def test_report_and_json_carry_the_plan(tmp_path):
     plan = g["checkpoint_plan"]
     assert plan["predicted_peak"] <= plan["budget"] and plan["recomputed"] and plan["saved"]
     assert set(plan["saved"]) == set(be.records[0].plan.saved)
+
+
+def test_checkpoint_programs_solve_the_same_under_load_and_near_optimal(monkeypatch):
+    """Each probe's 0-1 program stops at a node count, not a time: the same plans with both cores busy,
+    and on an 8-layer GPT each within 1% of the recompute time of the program solved to optimality."""
+    import subprocess
+    import sys
+
+    import gpt
+    from memfit.planner import checkpoint as planner
+    from memfit.trace import analyze
+
+    problems = []
+    init = planner.Problem.__init__
+
+    def grab(self, *a, **k):
+        init(self, *a, **k)
+        problems.append(self)
+
+    monkeypatch.setattr(planner.Problem, "__init__", grab)
+    factory = lambda: gpt.factory(batch=2, seq=64, n_layer=8, n_embd=64, n_head=4, vocab_size=256, block_size=64)  # noqa: E731
+    with pytest.raises(BudgetError):
+        analyze(factory, budget=1, passes=["checkpoint"], inner="eager")
+    prob = problems[0]
+    lo, hi = prob.solve(None, minimise_bytes=True), prob.solve(None)
+    limits = [lo.saved_bytes + (hi.saved_bytes - lo.saved_bytes) * f for f in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8)]
+    plans = [prob.solve(b) for b in limits]
+    optimal = [prob.solve(b, node_limits=(None,), safety_s=600) for b in limits]
+    for b, p, o in zip(limits, plans, optimal):
+        assert p is not None and o is not None and p.saved_bytes <= b
+        assert p.cost <= 1.01 * o.cost + 1e-12, (b, p.cost, o.cost)
+    assert len({p.saved for p in plans}) > 2  # the limits give different plans: the check is not vacuous
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        again = [prob.solve(b) for b in limits]
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert [p.saved for p in again] == [p.saved for p in plans]
