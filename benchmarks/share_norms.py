@@ -7,7 +7,9 @@ initialisation the way users call it (``model(input_ids=ids, labels=ids).loss.ba
 * ``none``: ``passes=[]`` (the inner's own partition);
 * ``share_norms``: ``passes=["share_norms"]``;
 * ``checkpoint``: ``passes=["checkpoint"]`` at a budget of ``--fraction`` x ``none``'s measured peak;
-* ``share_norms+checkpoint``: both, at the same budget.
+* ``share_norms+checkpoint``: both, at the same budget;
+* ``checkpoint floor`` and ``share_norms+checkpoint floor`` (``inner="eager"``): the smallest peak each
+  reaches (a 1-byte budget with ``strict=False`` keeps the smallest-peak plan).
 
 Peaks are the allocator's (``memfit.measure``); times are paired (one step of each configuration per
 round, medians). Targets (issue 24): under ``inner="eager"`` sharing lowers the peak by at least 10%
@@ -24,6 +26,7 @@ import copy
 import datetime
 import json
 import sys
+import warnings
 
 import torch
 
@@ -32,7 +35,8 @@ import memfit.hf
 from memfit.measurement import measure, paired_times, training_step
 from memfit.units import format_bytes
 
-CONFIGS = ("none", "share_norms", "checkpoint", "share_norms+checkpoint")
+CONFIGS = ("none", "share_norms", "checkpoint", "share_norms+checkpoint", "checkpoint floor",
+           "share_norms+checkpoint floor")
 
 
 def build(name: str, layers: int, width: int, tokens: int, vocab: int = 2048):
@@ -62,20 +66,25 @@ def run(args) -> dict:
         for inner in args.inners:
             steps, got, budget = [], [], None
             for config in CONFIGS:
+                floor = config.endswith(" floor")
+                if floor and inner != "eager":
+                    continue
                 model = copy.deepcopy(base)
-                passes = [p for p in ("share_norms", "checkpoint") if p in config.split("+")]
+                passes = [p for p in ("share_norms", "checkpoint") if p in config.removesuffix(" floor").split("+")]
                 options = dict(passes=passes, inner=inner)
                 if "checkpoint" in passes:
-                    options.update(budget=budget, strict=False)
+                    options.update(budget=1 if floor else budget, strict=False)
                 memfit.hf.compile(model, **options)
                 step = training_step(model, (), kwargs)
-                m = measure(step, repeat=1)  # the warm-up step compiles
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a floor is over its 1-byte budget, and says so
+                    m = measure(step, repeat=1)  # the warm-up step compiles
                 if config == "none":
                     budget = int(args.fraction * m.peak_bytes)
                 (record,) = model.memfit.backend.latest_records()
                 row = dict(model=name, inner=inner, config=config, peak=m.peak_bytes,
                            sites=len(record.share.sites) if record.share is not None else 0,
-                           budget=budget if "checkpoint" in passes else None,
+                           budget=(1 if floor else budget) if "checkpoint" in passes else None,
                            recomputed=len(record.plan.recomputed) if record.plan is not None else 0,
                            predicted_peak=record.peak_bytes)
                 print(f"{name} {inner} {config}: peak {format_bytes(m.peak_bytes)}, {row['sites']} norms shared, "
@@ -93,7 +102,8 @@ def table(result: dict) -> str:
     s = result["setup"]
     lines = [
         f"{s['layers']} layers x {s['width']}, {s['tokens']} tokens, fp32, CPU, torch {result['torch']}, "
-        f"{result['date']}; checkpoint budget {s['fraction']:g} x `none`'s measured peak; times paired, medians of "
+        f"{result['date']}; checkpoint budget {s['fraction']:g} x `none`'s measured peak (floor: 1 byte, strict=False); "
+        f"times paired, medians of "
         f"{s['rounds']} rounds",
         "",
         "| model | inner | config | norms shared | recomputed | measured peak | vs same without sharing | time | vs same without sharing |",
@@ -101,7 +111,8 @@ def table(result: dict) -> str:
     ]
     by = {(r["model"], r["inner"], r["config"]): r for r in result["rows"]}
     for r in result["rows"]:
-        pair = {"share_norms": "none", "share_norms+checkpoint": "checkpoint"}.get(r["config"])
+        pair = {"share_norms": "none", "share_norms+checkpoint": "checkpoint",
+                "share_norms+checkpoint floor": "checkpoint floor"}.get(r["config"])
         other = by.get((r["model"], r["inner"], pair)) if pair else None
         dp = f"{r['peak'] / other['peak']:.2f}x" if other else ""
         dt = f"{r['time_s'] / other['time_s']:.2f}x" if other else ""

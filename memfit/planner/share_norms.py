@@ -220,7 +220,8 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, values: Sequence[Any
     """The norms of ``joint`` whose backward can read their output instead of their input.
 
     ``values`` are the joint graph's primal inputs as real tensors where known (the backend's example
-    inputs), to check ``γ`` for zeros; fake or missing values are not checked (the note says so)."""
+    inputs), to check ``γ`` for zeros; fake or missing values (``memfit analyze`` on fake tensors, a ``γ``
+    computed in the graph such as Gemma's ``1 + w``) cannot be checked, and are taken as nonzero."""
     from torch._functorch.partitioners import _is_primal
 
     fwd = _forward_needed(joint, num_fwd_outputs)
