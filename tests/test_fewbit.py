@@ -171,6 +171,20 @@ def _grads(model, x):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def _matches_reference(model, kind, table, x, **options):
+    """Compile ``model`` with the few-bit pass; its loss and gradients equal the hand-written meaning of
+    the rewrite with ``table``. Returns the backend and the gradients."""
+    ref = copy.deepcopy(model)
+    ref.act = lambda x: _FewbitRef.apply(x, ACTS[kind], table)
+    be = memfit.backend(passes=["fewbit"], **options)
+    loss, grads = _grads(torch.compile(model, backend=be), x)
+    loss_ref, grads_ref = _grads(ref, x)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    return be, grads
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 @pytest.mark.parametrize("kind", list(ACTS))
 def test_gradients_are_the_few_bit_gradients(kind, inner):
@@ -178,15 +192,9 @@ def test_gradients_are_the_few_bit_gradients(kind, inner):
     bits = 2
     model = MLP(ACTS[kind])
     table = T.table(kind, bits)
-    ref, exact_model = copy.deepcopy(model), copy.deepcopy(model)
-    ref.act = lambda x: _FewbitRef.apply(x, ACTS[kind], table)
-    be = memfit.backend(passes=["fewbit"], inner=inner, fewbit_bits=bits)
+    exact_model = copy.deepcopy(model)
     x = torch.randn(64, 16)
-    loss, grads = _grads(torch.compile(model, backend=be), x)
-    loss_ref, grads_ref = _grads(ref, x)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    be, grads = _matches_reference(model, kind, table, x, inner=inner, fewbit_bits=bits)
     (record,) = be.records
     assert record.partition == "fewbit" and [s.kind for s in record.fewbit.sites] == [kind]
     if kind not in T.EXACT_AT_ONE_BIT:  # and it is not the exact gradient
@@ -206,15 +214,7 @@ def test_approx_bp_tables_are_the_published_relu_derivatives(kind):
     assert table.boundaries == tuple(float(torch.tensor(v).item()) for v in c)
     assert table.levels == pytest.approx((0.0, a[0], a[0] + a[1], 1.0))
     assert table.rel_error > T.table(kind, 2).rel_error
-    ref = copy.deepcopy(model)
-    ref.act = lambda x: _FewbitRef.apply(x, ACTS[kind], table)
-    be = memfit.backend(passes=["fewbit"], inner="eager", fewbit_tables="approx_bp")
-    x = torch.randn(64, 16)
-    loss, grads = _grads(torch.compile(model, backend=be), x)
-    loss_ref, grads_ref = _grads(ref, x)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
-    for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    be, _ = _matches_reference(model, kind, table, torch.randn(64, 16), inner="eager", fewbit_tables="approx_bp")
     (record,) = be.records
     (site,) = record.fewbit.sites
     assert record.fewbit.table_source == "approx_bp" and site.levels == table.levels

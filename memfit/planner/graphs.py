@@ -1,4 +1,4 @@
-"""Graph utilities shared by planners: connected groups of FX nodes."""
+"""Graph utilities shared by planners: connected groups of FX nodes, and the nodes some roots need."""
 
 from __future__ import annotations
 
@@ -33,4 +33,22 @@ def connected_groups(nodes: Iterable[N], inputs: Callable[[N], Iterable[N]], joi
     return list(groups.values())
 
 
-__all__ = ["connected_groups"]
+def ancestors(roots: Iterable) -> set:
+    """``roots`` (the FX nodes among them) and every node they read, transitively.
+
+    Used by the split-backward planner (what B needs) and the share-norms planner (what the forward's
+    outputs need: the rest of a joint graph runs for the backward)."""
+    import torch.fx
+
+    seen: set = set()
+    stack = [r for r in roots if isinstance(r, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+__all__ = ["ancestors", "connected_groups"]

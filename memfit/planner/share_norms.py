@@ -138,17 +138,11 @@ def _affine(xhat: torch.fx.Node, hidden: int):
 
 def _forward_needed(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set[torch.fx.Node]:
     """The nodes the forward's outputs need: everything else runs for the backward."""
+    from memfit.planner.graphs import ancestors
+
     out = next(n for n in reversed(joint.graph.nodes) if n.op == "output")
     flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
-    need: set[torch.fx.Node] = set()
-    stack = [a for a in flat[:num_fwd_outputs] if isinstance(a, torch.fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n in need:
-            continue
-        need.add(n)
-        stack.extend(n.all_input_nodes)
-    return need
+    return ancestors(flat[:num_fwd_outputs])
 
 
 def _find(joint: torch.fx.GraphModule) -> list[dict]:

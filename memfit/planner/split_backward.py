@@ -40,6 +40,7 @@ from torch.utils.flop_counter import flop_registry
 
 from memfit.units import format_bytes
 from memfit.planner.cost import node_flops, node_vals, tensor_bytes
+from memfit.planner.graphs import ancestors as _ancestors
 
 #: Ops that return input and weight gradients together, and the output index of the input gradient.
 MIXED_OPS = {
@@ -117,18 +118,6 @@ def _graph_outputs(graph: torch.fx.Graph) -> list:
 
 def _outputs(bw: torch.fx.GraphModule) -> list:
     return _graph_outputs(bw.graph)
-
-
-def _ancestors(roots) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = [r for r in roots if isinstance(r, torch.fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _value_bytes(n: torch.fx.Node) -> float:
