@@ -26,7 +26,7 @@ import torch.fx
 
 from memfit.errors import CantApply
 from memfit.passes.fewbit import _set_meta, clone  # noqa: F401  (clone: the backend copies with it)
-from memfit.planner.share_norms import NormSite, SharePlan, _forward_needed
+from memfit.planner.share_norms import NormSite, SharePlan, _forward_needed, is_centering
 
 aten = torch.ops.aten
 
@@ -92,7 +92,7 @@ def _share(graph, by_name, order, fwd, site: NormSite) -> None:
             continue
         if v is x and site.kind == "layer_norm_decomposed":
             # the decomposed backward recomputes x - mean from x: that is the recovered x - mean
-            if _is_centering(u, x, mean):
+            if is_centering(u, x, mean):
                 u.replace_all_uses_with(centered_rec)
                 graph.erase_node(u)
                 continue
@@ -103,11 +103,6 @@ def _share(graph, by_name, order, fwd, site: NormSite) -> None:
         u.replace_input_with(v, new)
     if old_bw is not None:
         _replace_native_backward(graph, old_bw, xhat_rec, rstd)
-
-
-def _is_centering(node, x, mean) -> bool:
-    return (node.op == "call_function" and node.target is aten.sub.Tensor and node.args[0] is x
-            and node.args[1] is mean)
 
 
 def _replace_native_backward(graph, old: torch.fx.Node, xhat_rec: torch.fx.Node, rstd: torch.fx.Node) -> None:

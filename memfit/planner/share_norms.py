@@ -271,7 +271,7 @@ def plan(joint: torch.fx.GraphModule, num_fwd_outputs: int, values: Sequence[Any
             # a LayerNorm's input is recovered only through x̂; any other backward use of x would round
             # (x = x̂ / rstd + mean cancels), so it must be the norm's own backward or its recomputation
             others = [u for u in x.users if u not in fwd and u not in own and u is not s["centered"]
-                      and not _recomputes(u, s)]
+                      and not is_centering(u, x, s["mean"])]
             if others:
                 skipped.append((where, f"{label}: the backward also reads its input in {others[0].name}, so it stays saved"))
                 continue
@@ -291,9 +291,11 @@ def _has_zero(t: torch.Tensor) -> bool:
         return bool((t == 0).any())
 
 
-def _recomputes(node: torch.fx.Node, s: dict) -> bool:
-    """Whether ``node`` recomputes the site's ``x - mean`` (the decomposed backward does, from ``x``)."""
-    return s["mean"] is not None and _is(node, aten.sub.Tensor) and node.args[0] is s["x"] and node.args[1] is s["mean"]
+def is_centering(node: torch.fx.Node, x: torch.fx.Node, mean: torch.fx.Node | None) -> bool:
+    """Whether ``node`` computes ``x - mean`` (a decomposed LayerNorm's backward recomputes it from ``x``);
+    the planner allows that read of ``x``, and the pass replaces it by the recovered ``x - mean``."""
+    return (mean is not None and node.op == "call_function" and node.target is aten.sub.Tensor
+            and node.args[0] is x and node.args[1] is mean)
 
 
-__all__ = ["NormSite", "SharePlan", "plan"]
+__all__ = ["NormSite", "SharePlan", "is_centering", "plan"]
