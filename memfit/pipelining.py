@@ -12,6 +12,14 @@ and the stage's ``dw_builder`` hook hands the queued W to the schedule, which ru
     stage = memfit.pipelining.pipeline_stage(block, stage_index=rank, num_stages=world, device="cpu",
                                              input_args=example_microbatch)
     schedule = ScheduleInterleavedZeroBubble([stage], n_microbatches=8, loss_fn=loss_fn)
+
+The published schedules PyTorch has no class for (ZB-H1 and ZB-H2 in the zero-bubble paper's order,
+the controllable-memory paper's V-Half and V-Min) run through :func:`schedule`, which hands PyTorch's
+runtime the per-rank order memfit's simulator uses (``memfit.planner.schedule.orders_for``), so what
+runs is what was simulated::
+
+    stages = [pipeline_stage(chunk, s, 2 * world, "cpu", input_args=mb) for s in (rank, 2 * world - 1 - rank)]
+    sched = memfit.pipelining.schedule(stages, "V-Half", n_microbatches=8, loss_fn=loss_fn)
 """
 
 from __future__ import annotations
@@ -109,4 +117,79 @@ def _examples(args: Any, *, requires_grad: bool):
     return out[0] if one else out
 
 
-__all__ = ["pipeline_stage", "stage_options"]
+_RUNTIME_KIND = {"F": "F", "B": "I", "W": "W", "BW": "B"}
+
+
+def stage_layout(name: str, rank: int, world: int, *, chunks: int = 2) -> list[int]:
+    """The stage indices rank ``rank`` holds under schedule ``name``: ``[rank]``; V-shaped schedules
+    (ZB-V, V-Half, V-Min) ``[rank, 2 world - 1 - rank]``; interleaved 1F1B ``rank + k world``."""
+    from memfit.planner.schedule import SCHEDULES, V_SHAPED
+
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
+    if name in V_SHAPED:
+        return [rank, 2 * world - 1 - rank]
+    if name == "1F1B-I":
+        return [rank + k * world for k in range(chunks)]
+    return [rank]
+
+
+def rank_orders(name: str, world: int, n_microbatches: int, *, chunks: int = 2) -> dict[int, list[tuple[str, int, int]]]:
+    """Per rank, the compute actions ``(kind, stage, microbatch)`` of schedule ``name`` in PyTorch's
+    vocabulary (F; I = input gradients; W = weight gradients; B = both), checked: every action once,
+    microbatches in range, each stage's forwards in microbatch order (the runtime files the last stage's
+    losses in the order its forwards ran: out of order, gradients come out wrong without an error)."""
+    from memfit.planner.schedule import orders_for
+
+    orders, n_virtual, _ = orders_for(name, world, n_microbatches, chunks=chunks)
+    out: dict[int, list[tuple[str, int, int]]] = {}
+    seen: set = set()
+    for r, ops in enumerate(orders):
+        last_f: dict[int, int] = {}
+        acts = []
+        for op in ops:
+            key = (op.kind, op.stage, op.mb)
+            if key in seen or not 0 <= op.mb < n_microbatches or not 0 <= op.stage < n_virtual:
+                raise AssertionError(f"{name}: bad or repeated action {key} on rank {r}")
+            seen.add(key)
+            if op.kind == "F":
+                if op.mb != last_f.get(op.stage, -1) + 1:
+                    raise AssertionError(f"{name}: stage {op.stage}'s forwards out of microbatch order on rank {r}")
+                last_f[op.stage] = op.mb
+            acts.append((_RUNTIME_KIND[op.kind], op.stage, op.mb))
+        out[r] = acts
+    return out
+
+
+def schedule(stages: list, name: str, n_microbatches: int, loss_fn=None, *, chunks: int = 2, **kwargs: Any):
+    """A ``torch.distributed.pipelining`` schedule that runs published schedule ``name`` (one of
+    ``memfit.planner.schedule.SCHEDULES``) in the order memfit's simulator gives it, over this rank's
+    ``stages`` (:func:`pipeline_stage` results, for the stage indices :func:`stage_layout` names).
+
+    PyTorch's runtime (``_PipelineScheduleRuntime``) takes the compute order, places the sends and
+    receives itself, and checks each rank's order before any communication, so a bad order fails on
+    every rank at once instead of hanging. ``kwargs`` go to the runtime (``scale_grads``, ...)."""
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
+
+    if not stages:
+        raise ValueError("schedule() needs this rank's stages")
+    world, rank = stages[0].group_size, stages[0].group_rank
+    want = stage_layout(name, rank, world, chunks=chunks)
+    have = sorted(st.stage_index for st in stages)
+    if have != sorted(want) or stages[0].num_stages != len(want) * world:
+        raise ValueError(
+            f"{name} over {world} ranks wants rank {rank} to hold stages {sorted(want)} of {len(want) * world}; "
+            f"it holds {have} of {stages[0].num_stages} (see memfit.pipelining.stage_layout)"
+        )
+    order = rank_orders(name, world, n_microbatches, chunks=chunks)
+    sched = _PipelineScheduleRuntime(sorted(stages, key=lambda st: st.stage_index), n_microbatches,
+                                     loss_fn=loss_fn, **kwargs)
+    sched.pipeline_order = {
+        r: [_Action(stage, _ComputationType(kind), mb) for kind, stage, mb in acts] for r, acts in order.items()
+    }
+    sched._prepare_schedule_with_comms(sched.pipeline_order)  # validates, places sends/receives, maps stages
+    sched.memfit_schedule = name
+    return sched
+
+
+__all__ = ["pipeline_stage", "rank_orders", "schedule", "stage_layout", "stage_options"]

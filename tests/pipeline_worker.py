@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-SCHEDULES = ("1F1B", "GPipe", "ZB1P", "ZBV")
+SCHEDULES = ("1F1B", "GPipe", "ZB1P", "ZBV")  # PyTorch's classes; "memfit:NAME" runs memfit's order of NAME
 
 
 def build_stages(n_stages: int, width: int = 64, heads: int = 4, blocks_per_stage: int = 1, seed: int = 0):
@@ -63,14 +63,16 @@ def reference(stages, x, y, n_micro: int):
 
 
 def stage_indices(schedule: str, rank: int, world: int) -> list[int]:
+    if schedule.startswith("memfit:"):  # memfit's order for a published schedule, run by PyTorch's runtime
+        from memfit.pipelining import stage_layout
+
+        return stage_layout(schedule[len("memfit:"):], rank, world)
     if schedule == "ZBV":  # V shape: rank r holds stages r and 2p-1-r
         return [rank, 2 * world - 1 - rank]
     return [rank]
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n_micro: int, inner: str,
-           batch: int, seq: int, width: int, steps: int, timing: bool) -> None:
-    import torch.distributed as dist
+def make_schedule(schedule: str, pstages: list, n_micro: int):
     from torch.distributed.pipelining import (
         Schedule1F1B,
         ScheduleGPipe,
@@ -78,17 +80,35 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
         ScheduleZBVZeroBubble,
     )
 
+    if schedule.startswith("memfit:"):
+        from memfit.pipelining import schedule as memfit_schedule
+
+        return memfit_schedule(pstages, schedule[len("memfit:"):], n_micro, loss_fn=loss_fn)
+    cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "ZB1P": ScheduleInterleavedZeroBubble,
+           "ZBV": ScheduleZBVZeroBubble}[schedule]
+    return cls(pstages if cls in (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble) else pstages[0],
+               n_microbatches=n_micro, loss_fn=loss_fn)
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[str], n_micro: int, inner: str,
+           batch: int, seq: int, width: int, steps: int, timing: bool) -> None:
+    """Runs each schedule of ``schedules`` (all with the same stage layout) in turn on the same compiled
+    stages; per schedule: step times, loss, every gradient's error against the reference."""
+    import torch.distributed as dist
+
     import memfit
     from memfit.pipelining import pipeline_stage
 
     torch.set_num_threads(1)
-    result: dict = {"rank": rank, "ok": False}
+    result: dict = {"rank": rank, "ok": False, "runs": {}}
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
         )
-        mine = stage_indices(schedule, rank, world)
-        n_stages = world * (2 if schedule == "ZBV" else 1)
+        mine = stage_indices(schedules[0], rank, world)
+        if any(stage_indices(s, rank, world) != mine for s in schedules):
+            raise ValueError(f"schedules {schedules} place stages differently; run them apart")
+        n_stages = world * len(mine)
         stages = build_stages(n_stages, width=width)
         torch.manual_seed(1)
         x = torch.randn(batch, seq, width)
@@ -97,15 +117,15 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
         for st in stages:
             st.zero_grad(set_to_none=True)
         mb = x[: batch // n_micro]
-        if schedule in ("ZB1P", "ZBV"):
+        if any(s in ("ZB1P", "ZBV") for s in schedules):
             # PyTorch alone refuses a compiled stage module under its zero-bubble schedules
-            from torch.distributed.pipelining import PipelineStage
+            from torch.distributed.pipelining import PipelineStage, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble
 
             plain = [PipelineStage(torch.compile(stages[s]), s, n_stages, torch.device("cpu"),
                                    input_args=(mb.clone().requires_grad_(s > 0),),
                                    output_args=(mb.clone().requires_grad_(s < n_stages - 1),)) for s in mine]
             try:
-                (ScheduleInterleavedZeroBubble if schedule == "ZB1P" else ScheduleZBVZeroBubble)(
+                (ScheduleInterleavedZeroBubble if "ZB1P" in schedules else ScheduleZBVZeroBubble)(
                     plain, n_microbatches=n_micro, loss_fn=loss_fn)
                 result["plain_compile_refused"] = ""
             except RuntimeError as e:
@@ -123,49 +143,51 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedule: str, n
                 return run
 
             ps.dw_builder = counted
-        cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "ZB1P": ScheduleInterleavedZeroBubble,
-               "ZBV": ScheduleZBVZeroBubble}[schedule]
-        sched = cls(pstages if cls in (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble) else pstages[0],
-                    n_microbatches=n_micro, loss_fn=loss_fn)
-        if hasattr(sched, "pipeline_order"):
-            result["pipeline_order"] = {
-                r: [None if a is None else [a.computation_type.value, a.stage_index, a.microbatch_index] for a in acts]
-                for r, acts in sched.pipeline_order.items()
-            }
-        times = []
-        losses: list = []
-        for step in range(steps):
-            for s in mine:
-                stages[s].zero_grad(set_to_none=True)
-            losses = []
-            dist.barrier()
-            t0 = time.perf_counter()
-            if 0 in mine:
-                sched.step(x, target=y, losses=losses)
-            else:
-                sched.step(target=y, losses=losses)
-            dist.barrier()
-            times.append(time.perf_counter() - t0)
-        result["times"] = times
-        result["pending_after_step"] = len(memfit.runtime.pending_weight_grads())
-        result["claimed_w"] = claimed
-        holder = (2 * world - 1) if schedule == "ZBV" else world - 1
-        if losses:
-            result["loss"] = float(sum(l.item() for l in losses) / n_micro)
-            result["ref_loss"] = ref_loss
-        result["holds_loss"] = rank == (0 if schedule == "ZBV" else world - 1) and holder in mine
-        errs = {}
-        for s in mine:
-            for n, p in stages[s].named_parameters():
-                ref = ref_grads[f"{s}.{n}"]
-                if p.grad is None:
-                    errs[f"{s}.{n}"] = None
+        for name in schedules:
+            run: dict = {}
+            result["runs"][name] = run
+            first_claim = len(claimed)
+            sched = make_schedule(name, pstages, n_micro)
+            if hasattr(sched, "pipeline_order"):
+                run["pipeline_order"] = {
+                    r: [None if a is None else [a.computation_type.value, a.stage_index, a.microbatch_index]
+                        for a in acts]
+                    for r, acts in sched.pipeline_order.items()
+                }
+            times = []
+            losses: list = []
+            for step in range(steps):
+                for s in mine:
+                    stages[s].zero_grad(set_to_none=True)
+                losses = []
+                dist.barrier()
+                t0 = time.perf_counter()
+                if 0 in mine:
+                    sched.step(x, target=y, losses=losses)
                 else:
-                    errs[f"{s}.{n}"] = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        result["grad_rel_err"] = errs
+                    sched.step(target=y, losses=losses)
+                dist.barrier()
+                times.append(time.perf_counter() - t0)
+            run["times"] = times
+            run["pending_after_step"] = len(memfit.runtime.pending_weight_grads())
+            run["claimed_w"] = claimed[first_claim:]
+            if losses:
+                run["loss"] = float(sum(l.item() for l in losses) / n_micro)
+                run["ref_loss"] = ref_loss
+            errs = {}
+            for s in mine:
+                for n, p in stages[s].named_parameters():
+                    ref = ref_grads[f"{s}.{n}"]
+                    if p.grad is None:
+                        errs[f"{s}.{n}"] = None
+                    else:
+                        errs[f"{s}.{n}"] = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            run["grad_rel_err"] = errs
         result["split_graphs"] = sum(
             1 for ps in pstages for r in ps.memfit_backend.records if r.split is not None
         )
+        if len(schedules) == 1:  # one schedule: its figures at the top level too
+            result.update(result["runs"][schedules[0]])
         result["ok"] = True
     except Exception:
         result["error"] = traceback.format_exc()
@@ -185,9 +207,12 @@ def _entry(rank, *args):
     worker(rank, *args)
 
 
-def launch(world: int, schedule: str, out_dir: str, *, n_micro: int = 4, inner: str = "eager", batch: int = 8,
+def launch(world: int, schedule: str | list[str], out_dir: str, *, n_micro: int = 4, inner: str = "eager", batch: int = 8,
            seq: int = 16, width: int = 64, steps: int = 1, timing: bool = False, timeout_s: float = 300) -> list[dict]:
-    """Run ``world`` processes; returns each rank's result. Kills them all after ``timeout_s``."""
+    """Run ``world`` processes; returns each rank's result. Kills them all after ``timeout_s``. ``schedule``:
+    one name or a list run in turn on the same stages (PyTorch's "1F1B", "GPipe", "ZB1P", "ZBV", or
+    "memfit:NAME" for memfit's order of a published schedule)."""
+    schedules = [schedule] if isinstance(schedule, str) else list(schedule)
     import torch.multiprocessing as mp
 
     init_file = os.path.join(out_dir, "rendezvous")
@@ -195,7 +220,7 @@ def launch(world: int, schedule: str, out_dir: str, *, n_micro: int = 4, inner: 
         os.remove(init_file)
     ctx = mp.start_processes(
         _entry,
-        args=(world, init_file, out_dir, schedule, n_micro, inner, batch, seq, width, steps, timing),
+        args=(world, init_file, out_dir, schedules, n_micro, inner, batch, seq, width, steps, timing),
         nprocs=world,
         join=False,
         start_method="spawn",
