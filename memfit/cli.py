@@ -135,6 +135,14 @@ def _add_plan_or_bench(sub, name: str, help_: str, desc: str) -> None:
     q.add_argument("--title", default=None, help="title of the report (default: the target)")
     if name == "bench":
         q.add_argument("--repeat", type=int, default=3, metavar="N", help="timed steps per configuration (default: 3)")
+    else:
+        q.add_argument("--pipeline-stages", type=int, default=None, metavar="N",
+                       help="plan a pipeline of N equal stages instead: the target's batch is one microbatch, "
+                       "--budget is per stage; chooses the schedule and each stage's checkpoint plan")
+        q.add_argument("--microbatches", type=int, default=None, metavar="M",
+                       help="microbatches per pipeline step (default: 2 x stages)")
+        q.add_argument("--comm-ms", type=float, default=0.0, metavar="MS",
+                       help="milliseconds per activation/gradient hop between ranks (default: 0)")
     q.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -176,10 +184,46 @@ def _plan_options(args: argparse.Namespace) -> dict:
     )
 
 
+def _plan_pipeline(args: argparse.Namespace) -> int:
+    from memfit.planner import pipeline
+    from memfit.trace import trace_step
+    from memfit.units import parse_bytes
+
+    stages = args.pipeline_stages
+    micro = args.microbatches or 2 * stages
+    progress = _Progress()
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.simplefilter("ignore")
+        try:
+            # one microbatch's step of the whole model, unchanged, with the checkpoint planner's curve
+            be, param_bytes = trace_step(args.target, progress=progress, curve_points=8, strict=False,
+                                         inner=args.inner, device=args.device, budget="1000TiB")
+            progress(f"simulating {len(pipeline.SCHEDULES)} schedules x the stage checkpoint plans "
+                     f"({stages} stages, {micro} microbatches)")
+            options = pipeline.stage_options_from_step(be, stages, param_bytes=param_bytes)
+            result = pipeline.plan(options, stages, micro, budget=parse_bytes(args.budget, what="budget"),
+                                   comm_s=args.comm_ms / 1e3)
+        finally:
+            progress.done()
+    print(result.verdict())
+    for c in result.considered[:12]:
+        mark = "*" if result.chosen is not None and (c.schedule, c.option) == (result.chosen.name, result.option.label) else " "
+        print(f"  {mark} {c.schedule:7s} {c.option:44s} step {c.step_time * 1e3:9.2f} ms  bubble {100 * c.bubble_rate:5.1f}%"
+              f"  peak {format_bytes(c.peak_activations):>11}  {'fits' if c.fits else 'over'}")
+    if len(result.considered) > 12:
+        print(f"  ... {len(result.considered) - 12} more in the report")
+    paths = pipeline.write_report(result, args.report, title=args.title or args.target) if args.report else []
+    _wrote(paths)
+    return EXIT_OK if result.fits else EXIT_DOES_NOT_FIT
+
+
 def _plan(args: argparse.Namespace) -> int:
     from memfit.planner import report as rp
     from memfit.trace import trace_step
 
+    if args.pipeline_stages is not None:
+        return _plan_pipeline(args)
     progress = _Progress()
     with warnings.catch_warnings():
         if not args.debug:
@@ -313,6 +357,18 @@ def _check_early(args: argparse.Namespace) -> None:
         return
     if args.command == "bench" and args.repeat < 1:
         raise ValueError(f"--repeat {args.repeat} must be >= 1")
+    if args.command == "plan" and args.pipeline_stages is not None:
+        if args.pipeline_stages < 2:
+            raise ValueError(f"--pipeline-stages {args.pipeline_stages} must be >= 2 (one stage is no pipeline)")
+        if args.microbatches is not None and args.microbatches < 1:
+            raise ValueError(f"--microbatches {args.microbatches} must be >= 1")
+        if args.comm_ms < 0:
+            raise ValueError(f"--comm-ms {args.comm_ms} must be >= 0")
+        if args.budget is None:
+            raise ValueError("--pipeline-stages plans against a per-stage --budget (activations above resident memory); "
+                             "--device-memory is not supported with it")
+    elif args.command == "plan" and (args.microbatches is not None or args.comm_ms):
+        raise ValueError("--microbatches and --comm-ms apply to a pipeline plan: add --pipeline-stages N")
     make_options(_plan_options(args))
     if args.report:
         from memfit.config import report_paths
