@@ -6,11 +6,13 @@
    allocator still holds after B, less the input gradient both return. Measured in one process,
    side by side, plus the planner's own count.
 2. Pipeline. The real ``torch.distributed.pipelining`` (gloo, 2 CPU processes, one thread each),
-   memfit-compiled stages under ``Schedule1F1B`` and ``ScheduleInterleavedZeroBubble`` (ZB-H1):
-   measured step times, beside the simulator's prediction from F, B and W times measured on one
-   stage in this process.
+   memfit-compiled stages under PyTorch's ``Schedule1F1B``, ``ScheduleInterleavedZeroBubble`` and
+   ``ScheduleZBVZeroBubble`` and under memfit's orders of 1F1B, ZB-H1, ZB-H2, ZB-V, V-Half, V-Min
+   (``memfit.pipelining.schedule``): measured step times beside the simulator's, fed with what the
+   same run measured (each action's median time per stage, timed where the schedule ran it, and the
+   hop time of one activation by ping-pong), as the zero-bubble paper profiled its own runs.
 
-    python benchmarks/split_backward.py [--width 256] [--seq 256] [--micro 8]
+    python benchmarks/split_backward.py [--width 256] [--seq 256] [--micro 8] [--skip memory|pipeline]
 """
 
 from __future__ import annotations
@@ -98,51 +100,55 @@ def held_memory(width: int, seq: int, batch: int, checkpoint: bool) -> list[tupl
     return rows
 
 
-def stage_times(width: int, seq: int, mb: int, repeat: int = 5) -> tuple[float, float, float]:
-    """Median F, B, W seconds of one stage (one GPT block) on one microbatch, one thread."""
-    from gpt import Block, GPTConfig
-
-    torch.manual_seed(0)
-    block = Block(GPTConfig(n_embd=width, n_head=max(1, width // 64)))
-    compiled = torch.compile(block, backend=memfit.backend(passes=["split_backward"], inner="eager"))
-    x = torch.randn(mb, seq, width, requires_grad=True)
-    dout = torch.randn(mb, seq, width)
-    f, b, w = [], [], []
-    for i in range(repeat + 1):
-        t0 = time.perf_counter()
-        out = compiled(x)
-        t1 = time.perf_counter()
-        with memfit.defer_weight_grads():  # B now, W below
-            out.backward(dout)
-        t2 = time.perf_counter()
-        memfit.run_weight_grads()
-        t3 = time.perf_counter()
-        if i:
-            f.append(t1 - t0)
-            b.append(t2 - t1)
-            w.append(t3 - t2)
-        x.grad = None
-        block.zero_grad(set_to_none=True)
-    torch._dynamo.reset()
-    return statistics.median(f), statistics.median(b), statistics.median(w)
+ONE_STAGE = ["1F1B", "ZB1P", "memfit:1F1B", "memfit:ZB-H1", "memfit:ZB-H2"]
+V_STAGES = ["ZBV", "memfit:ZB-V", "memfit:V-Half", "memfit:V-Min"]
 
 
-def pipeline(width: int, seq: int, micro: int, mb: int, steps: int) -> tuple[dict[str, float], dict]:
+def pipeline(names: list[str], width: int, seq: int, micro: int, mb: int, steps: int) -> list[dict]:
+    """One launch of 2 gloo processes running ``names`` in turn on the same compiled stages, each action
+    timed where it ran, plus a ping-pong of one activation (the hop time)."""
     from tests.pipeline_worker import launch
 
-    out, orders = {}, {}
-    for schedule in ("1F1B", "ZB1P"):
-        with tempfile.TemporaryDirectory() as d:
-            res = launch(2, schedule, d, n_micro=micro, batch=micro * mb, seq=seq, width=width, steps=steps,
-                         timeout_s=600)
-        for r in res:
-            if not r["ok"]:
-                raise RuntimeError(r["error"])
-            assert max(r["grad_rel_err"].values()) < 1e-5
-        out[schedule] = statistics.median(res[0]["times"][1:])  # the first step compiles
-        if "pipeline_order" in res[0]:
-            orders[schedule] = res[0]["pipeline_order"]
-    return out, orders
+    with tempfile.TemporaryDirectory() as d:
+        res = launch(2, names, d, n_micro=micro, batch=micro * mb, seq=seq, width=width, steps=steps,
+                     timing=True, timeout_s=900)
+    for r in res:
+        if not r["ok"]:
+            raise RuntimeError(r["error"])
+        for name in names:
+            assert max(r["runs"][name]["grad_rel_err"].values()) < 1e-5, name
+    return res
+
+
+def simulated(name: str, res: list[dict], micro: int):
+    """The simulator's step time for run ``name``, fed only with what that run measured: each action's
+    median time per stage, and the hop time."""
+    from types import SimpleNamespace
+
+    from memfit.planner.schedule import StageCosts, orders_for, orders_from_pytorch, simulate_orders
+
+    times: dict[tuple[str, int], list[float]] = {}
+    for r in res:
+        for kind, stage, sec in r["runs"][name]["op_times"]:
+            times.setdefault((kind, stage), []).append(sec)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_virtual = 1 + max(s for _, s in med)
+    vcosts = []
+    for s in range(n_virtual):
+        if ("B", s) in med:  # full backward (1F1B): I and W in one action
+            vcosts.append(StageCosts(med[("F", s)], med[("B", s)], 0.0))
+        else:
+            vcosts.append(StageCosts(med[("F", s)], med[("I", s)], med[("W", s)]))
+    run0 = res[0]["runs"][name]
+    if name.startswith("memfit:") or name == "1F1B":
+        orders = orders_for(name.removeprefix("memfit:"), len(res), micro)[0]
+    else:
+        acts = {int(r): [None if a is None else SimpleNamespace(computation_type=a[0], stage_index=a[1],
+                                                                 microbatch_index=a[2]) for a in lst]
+                for r, lst in run0["pipeline_order"].items()}
+        orders = orders_from_pytorch(acts)
+    ranks = [StageCosts(0, 0, 0)] * len(res)
+    return simulate_orders(name, orders, ranks, micro, comm=res[0]["comm_s"], virtual_costs=vcosts)
 
 
 def main() -> None:
@@ -152,44 +158,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="microbatch size (part 1 and 2)")
     ap.add_argument("--micro", type=int, default=8, help="microbatches per pipeline step")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--skip", choices=("memory", "pipeline"), default=None)
     args = ap.parse_args()
     print(f"torch {torch.__version__}; GPT block {args.width} wide, microbatch {args.batch} x {args.seq} tokens")
 
-    print("\n1. bytes held between B and W (allocator, after B; the input gradient both return is left out)")
-    for ckpt in (False, True):
-        rows = held_memory(args.width, args.seq, args.batch, ckpt)
-        base = rows[0][1]
-        print(f"  {'with' if ckpt else 'without'} activation checkpointing of the block:")
-        for name, nbytes, planned in rows:
-            extra = f"  planner {format_bytes(planned)}" if planned is not None else ""
-            print(f"    {name:36s} {format_bytes(nbytes):>11s}  ({100 * nbytes / base:5.1f}% of PyTorch's){extra}")
-
-    print("\n2. real pipeline: 2 processes (gloo, 1 thread each), 1 GPT block per stage, memfit-compiled stages")
-    torch.set_num_threads(1)
-    f, b, w = stage_times(args.width, args.seq, args.batch)
-    from memfit.planner.schedule import StageCosts, simulate
-
-    costs = [StageCosts(f, b, w)] * 2
-    pred = {"1F1B": simulate("1F1B", costs, args.micro), "ZB1P": simulate("ZB-H1", costs, args.micro)}
-    print(f"  one stage, one microbatch: F {f * 1e3:.1f} ms, B {b * 1e3:.1f} ms, W {w * 1e3:.1f} ms")
-    measured, orders = pipeline(args.width, args.seq, args.micro, args.batch, args.steps)
-    if "ZB1P" in orders:  # simulate the very order PyTorch's ZB1P ran, as well as our ZB-H1
-        from types import SimpleNamespace
-
-        from memfit.planner.schedule import orders_from_pytorch, simulate_orders
-
-        acts = {int(r): [None if a is None else SimpleNamespace(computation_type=a[0], stage_index=a[1],
-                                                                 microbatch_index=a[2]) for a in lst]
-                for r, lst in orders["ZB1P"].items()}
-        pred["ZB1P (PyTorch's order)"] = simulate_orders("ZB1P", orders_from_pytorch(acts), costs, args.micro)
-        measured["ZB1P (PyTorch's order)"] = measured["ZB1P"]
-    print(f"  {'schedule':24s} {'measured':>10s} {'simulated':>10s} {'meas/sim':>9s} {'sim bubble':>10s}")
-    for k in pred:
-        sim = pred[k]
-        print(f"  {k:24s} {measured[k] * 1e3:8.1f}ms {sim.step_time * 1e3:8.1f}ms {measured[k] / sim.step_time:9.3f} "
-              f"{100 * sim.bubble_rate:9.1f}%")
-    print(f"  ZB1P / 1F1B step time: measured {measured['ZB1P'] / measured['1F1B']:.3f}, simulated "
-          f"{pred['ZB1P'].step_time / pred['1F1B'].step_time:.3f}")
+    if args.skip != "memory":
+        print("\n1. bytes held between B and W (allocator, after B; the input gradient both return is left out)")
+        for ckpt in (False, True):
+            rows = held_memory(args.width, args.seq, args.batch, ckpt)
+            base = rows[0][1]
+            print(f"  {'with' if ckpt else 'without'} activation checkpointing of the block:")
+            for name, nbytes, planned in rows:
+                extra = f"  planner {format_bytes(planned)}" if planned is not None else ""
+                print(f"    {name:36s} {format_bytes(nbytes):>11s}  ({100 * nbytes / base:5.1f}% of PyTorch's){extra}")
+    if args.skip == "pipeline":
+        return
+    print("\n2. real pipeline: 2 processes (gloo, 1 thread each), 1 GPT block per stage, memfit-compiled stages;")
+    print("   simulated from the same run's measured action times (median per stage) and hop time")
+    print(f"  {'schedule':18s} {'measured':>10s} {'simulated':>10s} {'meas/sim':>9s} {'sim bubble':>10s}")
+    for names in (ONE_STAGE, V_STAGES):
+        res = pipeline(names, args.width, args.seq, args.micro, args.batch, args.steps)
+        for name in names:
+            meas = statistics.median(res[0]["runs"][name]["times"][1:])  # the first step compiles
+            sim = simulated(name, res, args.micro)
+            print(f"  {name:18s} {meas * 1e3:8.1f}ms {sim.step_time * 1e3:8.1f}ms {meas / sim.step_time:9.3f} "
+                  f"{100 * sim.bubble_rate_synced:9.1f}%")
+        print(f"  (hop time {res[0]['comm_s'] * 1e3:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[
             pstages.append(
                 pipeline_stage(stages[s], s, n_stages, "cpu", input_args=(mb,), output_args=(mb,), inner=inner)
             )
+        if timing:
+            result["comm_s"] = ping_pong(rank, world, mb)
+        op_times: list[tuple[str, int, float]] = []  # (action, stage, seconds) of the current step
+        if timing:
+            for ps in pstages:
+                _time_actions(ps, op_times)
         claimed: list[int] = []  # W tasks each backward left for the schedule (0 would mean W was not deferred)
         for ps in pstages:
             def counted(build=ps.dw_builder):
@@ -160,6 +166,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[
                 for s in mine:
                     stages[s].zero_grad(set_to_none=True)
                 losses = []
+                op_times.clear()
                 dist.barrier()
                 t0 = time.perf_counter()
                 if 0 in mine:
@@ -169,6 +176,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[
                 dist.barrier()
                 times.append(time.perf_counter() - t0)
             run["times"] = times
+            if timing:  # the last step's actions, each timed where it ran (for the simulator)
+                run["op_times"] = list(op_times)
             run["pending_after_step"] = len(memfit.runtime.pending_weight_grads())
             run["claimed_w"] = claimed[first_claim:]
             if losses:
@@ -201,6 +210,57 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[
                 dist.destroy_process_group()
         except Exception:
             pass
+
+
+def _time_actions(stage, out: list) -> None:
+    """Record the seconds each action of ``stage`` takes where the schedule runs it: F, I (input
+    gradients), B (full backward: I and W at once), W."""
+    fwd, bwd, wgt = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
+
+    def forward_one_chunk(*a, **k):
+        t0 = time.perf_counter()
+        r = fwd(*a, **k)
+        out.append(("F", stage.stage_index, time.perf_counter() - t0))
+        return r
+
+    def backward_one_chunk(*a, **k):
+        t0 = time.perf_counter()
+        r = bwd(*a, **k)
+        out.append(("B" if k.get("full_backward", True) else "I", stage.stage_index, time.perf_counter() - t0))
+        return r
+
+    def backward_weight_one_chunk(*a, **k):
+        t0 = time.perf_counter()
+        r = wgt(*a, **k)
+        out.append(("W", stage.stage_index, time.perf_counter() - t0))
+        return r
+
+    stage.forward_one_chunk = forward_one_chunk
+    stage.backward_one_chunk = backward_one_chunk
+    stage.backward_weight_one_chunk = backward_weight_one_chunk
+
+
+def ping_pong(rank: int, world: int, like: torch.Tensor, reps: int = 20) -> float | None:
+    """Seconds one tensor shaped like a microbatch's activation takes from rank 0 to rank 1 (half the
+    median round trip, after warm-up): the simulator's ``comm``."""
+    import statistics
+
+    import torch.distributed as dist
+
+    buf = torch.empty_like(like)
+    rtts = []
+    for i in range(reps + 3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(like.contiguous(), 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        if i >= 3:
+            rtts.append(time.perf_counter() - t0)
+    return statistics.median(rtts) / 2 if rank == 0 else None
 
 
 def _entry(rank, *args):

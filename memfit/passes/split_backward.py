@@ -58,7 +58,8 @@ def carry_out(
 
 def _split_mixed_ops_as_planned(bw: torch.fx.GraphModule, plan: SplitPlan) -> None:
     """Split the mixed ops of ``bw`` as the planner did: all that it split, then merge back those it
-    kept whole (in the planner's order, so that the graph's namespace names the kept halves as it did).
+    kept whole (in the planner's order, so that the graph's namespace names the kept halves as it did);
+    then add W's copies of the forward values it recomputes.
 
     Checks that the graph then holds every node the plan names: a plan made for other graphs is a
     caller's bug, and carrying it out would build wrong B and W graphs silently."""
@@ -68,6 +69,9 @@ def _split_mixed_ops_as_planned(bw: torch.fx.GraphModule, plan: SplitPlan) -> No
     for b_half, w_half in pairs:
         if b_half.name not in split:
             split_planner.merge_mixed_op(bw, b_half, w_half)
+    if plan.recomputed:  # W's own copies of the forward values it computes again, named as in the plan
+        split_planner.duplicate_for_w(bw.graph, plan.recomputed, set(plan.w_nodes))
+        bw.recompile()
     names = {n.name for n in bw.graph.nodes}
     halves = sorted(b.name for b, _ in pairs)
     planned = sorted([*plan.split_ops, *(op for op, _ in plan.kept_whole)])

@@ -17,8 +17,8 @@ only the simulation tells. ``memfit plan examples/gpt.py --pipeline-stages 4 --m
 39 MiB), ahead of any schedule holding more microbatches with deeper checkpointing.
 
 Not modelled (said in the report): W recomputing part of the forward instead of holding what B
-hands it (memfit's W holds X and dY; PyTorch's runtime split re-runs a checkpointed block instead);
-uneven stages.
+hands it (the split planner decides that per compiled stage graph, by the bytes it holds; the
+simulation takes the larger figure); uneven stages.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def to_json(p: PipelinePlan, title: str = "") -> dict:
 
 NOT_MODELLED = (
     "stages are equal shares of the model (embeddings and head not apart)",
-    "W holds what B hands it (X and dY of each weight GEMM); a W that recomputes is not offered",
+    "W holds what B hands it (mem_w = mem_f); where W recomputes forward values instead (each stage's compiled "
+    "graph, by the split planner), it holds less than simulated",
 )
 
 

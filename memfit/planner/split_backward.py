@@ -25,11 +25,20 @@ keeps in B, so the fused call is kept whole (one kernel, nothing extra held).
 
 Parameters handed to W cost nothing (they are resident); saved activations and B's intermediates
 cost their bytes.
+
+**W may recompute.** With the block checkpointed, B recomputes the block's forward, and W needs some of
+those values (each weight GEMM's input). Holding them costs 15 MiB on a GPT block 256 wide, 4 x 256
+tokens, against 10 MiB for PyTorch's runtime split, whose W re-runs the checkpointed block. So the cut
+may also give W its own copies of deterministic forward values (no incoming gradient among their
+inputs, no random op): then their inputs must be available in W instead. :func:`plan_split` plans
+with and without and keeps the smaller hold: 9 MiB measured on that block
+(benchmarks/split_backward.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Sequence
@@ -78,6 +87,11 @@ class SplitPlan:
     """Mixed ops split by output mask (the weight half runs in W)."""
     kept_whole: tuple[tuple[str, str], ...] = ()
     """Mixed ops left as one call in B, with the reason."""
+    recomputed: tuple[str, ...] = ()
+    """Forward values W computes again (from the values saved for the backward) instead of holding them
+    from B, in graph order (:func:`duplicate_for_w` adds W's copies)."""
+    held_without_recompute: int | None = None
+    """Bytes the plan without W recomputing would hold (where the planner weighed both)."""
 
     @property
     def w_share(self) -> float:
@@ -91,6 +105,8 @@ class SplitPlan:
             f"({100 * self.w_share:.0f}% of the backward's FLOPs), {len(self.input_outputs)} input gradient(s) in B; "
             f"{len(self.handoff)} value(s) held between B and W, {format_bytes(self.held_bytes)}"
             + (f"; split by output mask: {', '.join(self.split_ops)}" if self.split_ops else "")
+            + (f"; W recomputes {len(self.recomputed)} forward value(s) instead of holding them "
+               f"({format_bytes(self.held_without_recompute)} held otherwise)" if self.recomputed else "")
         )
 
     def to_json(self) -> dict:
@@ -105,6 +121,8 @@ class SplitPlan:
             "w_share": self.w_share,
             "split_ops": list(self.split_ops),
             "kept_whole": [list(k) for k in self.kept_whole],
+            "recomputed": list(self.recomputed),
+            "held_without_recompute": self.held_without_recompute,
         }
 
 
@@ -205,8 +223,14 @@ def plan_split(
     num_fwd_outputs: int,
     primals: Sequence[str],
     params: Sequence[bool] | None,
+    recompute: bool | None = None,
 ) -> SplitPlan:
     """Decide the split of ``bw`` into B and W; neither ``fw`` nor ``bw`` is changed.
+
+    ``recompute``: whether W may compute forward values again from what the backward was given
+    instead of holding them from B (what PyTorch's runtime split does for a checkpointed block: its W
+    re-runs the block). ``None`` (the default) plans both and keeps the one that holds fewer bytes
+    between B and W; the cost is W's extra FLOPs, which the plan counts.
 
     ``primals``: the names of the joint graph's primal inputs, in order (one backward output each);
     ``params``: for each, whether it is a parameter. Raises :class:`~memfit.errors.CantApply` when the
@@ -235,9 +259,18 @@ def plan_split(
     n_out = len(_outputs(bw))
     if n_out != len(primals):
         raise CantApply(f"the backward returns {n_out} values for {len(primals)} inputs")
-    fw_graph, bw_graph = replica(fw.graph), replica(bw.graph)
-    holders = add_param_inputs(fw_graph, bw_graph, num_fwd_outputs=num_fwd_outputs, primals=primals, params=params)
-    return _plan_graph(bw_graph, set(holders), holders, resident=resident_inputs(primals, params))
+    plans = []
+    for again in ((False, True) if recompute is None else (recompute,)):
+        fw_graph, bw_graph = replica(fw.graph), replica(bw.graph)
+        holders = add_param_inputs(fw_graph, bw_graph, num_fwd_outputs=num_fwd_outputs, primals=primals, params=params)
+        plans.append(_plan_graph(bw_graph, set(holders), holders, resident=resident_inputs(primals, params),
+                                 recompute=again))
+    if len(plans) == 2:
+        plain, again = plans
+        if again.recomputed and again.held_bytes < plain.held_bytes:
+            return dataclasses.replace(again, held_without_recompute=plain.held_bytes)
+        return plain
+    return plans[0]
 
 
 def replica(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -286,9 +319,11 @@ def _plan_graph(
     param_placeholders: dict[int, str],
     *,
     resident: set[str] = frozenset(),
+    recompute: bool = False,
 ) -> SplitPlan:
     """:func:`plan` on a bare graph, in its steps: which outputs go where, split the mixed ops, the
-    minimum cut, re-merge the mixed ops the cut kept in B, then what B hands to W and the FLOPs."""
+    minimum cut, re-merge the mixed ops the cut kept in B, W's copies of the forward values it
+    recomputes, then what B hands to W and the FLOPs."""
     outs = _graph_outputs(graph)
     w_pos = tuple(i for i, o in enumerate(outs) if i in param_outputs and isinstance(o, torch.fx.Node))
     b_pos = tuple(i for i, o in enumerate(outs) if i not in param_outputs and isinstance(o, torch.fx.Node))
@@ -296,8 +331,12 @@ def _plan_graph(
         raise NothingToSplit("the backward computes no parameter gradient (no parameter of this graph requires grad)")
     b_roots = [outs[i] for i in b_pos]
     pairs = _split_mixed_ops(graph, b_roots)
-    w_nodes = _min_cut_w_nodes(graph, outs, b_pos, w_pos, resident)
+    w_nodes, again = _min_cut_w_nodes(graph, outs, b_pos, w_pos, resident, recompute)
     split_ops, kept = _settle_mixed_ops(graph, pairs, w_nodes)
+    recomputed = [n.name for n in graph.nodes if n in again]
+    if recomputed:
+        copies = set(duplicate_for_w(graph, recomputed, {n.name for n in w_nodes}).values())
+        w_nodes |= {n for n in graph.nodes if n.name in copies}
     handoff = _handoff(graph, outs, w_pos, w_nodes)
     held = sum(int(_value_bytes(n)) for n in handoff if not (n.op == "placeholder" and n.name in resident))
     w_flops = sum(node_flops(n) for n in w_nodes)
@@ -313,13 +352,64 @@ def _plan_graph(
         w_flops=w_flops,
         split_ops=tuple(split_ops),
         kept_whole=tuple(kept),
+        recomputed=tuple(recomputed),
     )
 
 
+def duplicate_for_w(graph: torch.fx.Graph, names: Sequence[str], w_names: set[str]) -> dict[str, str]:
+    """Give W its own copies of the nodes ``names`` (in graph order, each right after its original,
+    reading the copies of its inputs where there are), and make the W nodes (``w_names``) read the
+    copies. Returns original name -> copy name. The planner (on a replica) and the pass (on the graph)
+    both call this, in the same state, so the copies get the same names."""
+    wanted = set(names)
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in list(graph.nodes):
+        if n.name not in wanted:
+            continue
+        with graph.inserting_after(n):
+            c = graph.call_function(n.target, torch.fx.node.map_arg(n.args, lambda a: copies.get(a, a)),
+                                    torch.fx.node.map_arg(n.kwargs, lambda a: copies.get(a, a)))
+        c.meta = copy.copy(n.meta)
+        copies[n] = c
+    made = set(copies.values())
+    for n, c in copies.items():
+        n.replace_all_uses_with(c, delete_user_cb=lambda u: u.name in w_names and u not in made)
+    return {n.name: c.name for n, c in copies.items()}
+
+
+def _recomputable(n: torch.fx.Node, tangent_free: set[torch.fx.Node]) -> bool:
+    """A forward value W may compute again: a deterministic op that reads no incoming gradient."""
+    if n.op != "call_function" or n not in tangent_free:
+        return False
+    if n.target is operator.getitem:  # an output of a multi-output op (layer norm, attention)
+        return True
+    if not isinstance(n.target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded not in n.target.tags and not n.target._schema.is_mutable
+
+
+def _tangent_free(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    free: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if not n.name.startswith("tangents"):
+                free.add(n)
+        elif n.op == "call_function" and all(a in free for a in n.all_input_nodes):
+            free.add(n)
+    return free
+
+
 def _min_cut_w_nodes(
-    graph: torch.fx.Graph, outs: list, b_pos: tuple[int, ...], w_pos: tuple[int, ...], resident: set[str]
-) -> set[torch.fx.Node]:
-    """The nodes the minimum cut on bytes held between B and W puts in W (matmul-class work pinned there).
+    graph: torch.fx.Graph, outs: list, b_pos: tuple[int, ...], w_pos: tuple[int, ...], resident: set[str],
+    recompute: bool = False,
+) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
+    """The nodes the minimum cut on bytes held between B and W puts in W (matmul-class work pinned there),
+    and, with ``recompute``, the forward values B computes that W computes again instead of holding.
+
+    With ``recompute``, a deterministic forward value n that B computes and W needs gets a third node
+    (n, "w"), on the sink side when W computes n again: then n's inputs must be available in W (held or
+    recomputed in turn) and n's own bytes are not held. The cut then weighs holding a checkpointed
+    block's recomputed activations against holding its saved input and recomputing them in W.
 
     (n, "in") on the source side: n is computed in B (placeholders and what the input gradients need
     are tied there); on the sink side: in W (matmul-class candidates are tied there). (n, "out") on
@@ -333,13 +423,26 @@ def _min_cut_w_nodes(
     g = nx.DiGraph()
     src, sink = "SOURCE", "SINK"
     cand = set(candidates)
+    free = _tangent_free(graph) if recompute else set()
+    dup = {n for n in graph.nodes if n in b_required and n in w_needed and _recomputable(n, free)
+           and not any(outs[i] is n for i in w_pos)}
     for n in graph.nodes:
         if n.op == "output":
             continue
         if n not in cand and n not in b_required and n.op != "placeholder":
             continue  # dead or unrelated
         cap = 0.0 if n.op == "placeholder" and n.name in resident else _value_bytes(n)
-        g.add_edge((n, "in"), (n, "out"), capacity=cap)
+        if recompute and n.op == "call_function" and not isinstance(n.meta.get("val"), (torch.Tensor, int, torch.SymInt)):
+            # a multi-output op's tuple (or a higher-order op's, like run_with_rng_state's) cannot be handed
+            # over: W computes it again or reads its items from B
+            cap = _INF
+        if n in dup:  # held (bytes) unless W computes it again from inputs available in W
+            g.add_edge((n, "w"), (n, "out"), capacity=cap)
+            g.add_edge((n, "out"), (n, "w"), capacity=_INF)
+            for a in n.all_input_nodes:
+                g.add_edge((a, "out"), (n, "w"), capacity=_INF)
+        else:
+            g.add_edge((n, "in"), (n, "out"), capacity=cap)
         g.add_edge((n, "out"), (n, "in"), capacity=_INF)
         if n not in cand:
             g.add_edge(src, (n, "in"), capacity=_INF)
@@ -352,8 +455,13 @@ def _min_cut_w_nodes(
         g.add_edge((outs[i], "out"), sink, capacity=_INF)
     if sink not in g:
         g.add_node(sink)
-    _, (s_side, _t) = nx.minimum_cut(g, src, sink)
-    return {n for n in cand if (n, "in") not in s_side}
+    try:
+        _, (s_side, _t) = nx.minimum_cut(g, src, sink)
+    except nx.NetworkXUnbounded:  # only W recomputing can make every cut infinite: plan without it
+        if not recompute:
+            raise
+        return _min_cut_w_nodes(graph, outs, b_pos, w_pos, resident, False)
+    return {n for n in cand if (n, "in") not in s_side}, {n for n in dup if (n, "w") not in s_side}
 
 
 def _settle_mixed_ops(
