@@ -120,16 +120,16 @@ def pipeline(names: list[str], width: int, seq: int, micro: int, mb: int, steps:
     return res
 
 
-def simulated(name: str, res: list[dict], micro: int):
-    """The simulator's step time for run ``name``, fed only with what that run measured: each action's
-    median time per stage, and the hop time."""
+def simulated(name: str, res: list[dict], micro: int, step: int):
+    """The simulator's time for step ``step`` of run ``name``, fed only with what that step measured:
+    each action's median time per stage, and the hop time."""
     from types import SimpleNamespace
 
     from memfit.planner.schedule import StageCosts, orders_for, orders_from_pytorch, simulate_orders
 
     times: dict[tuple[str, int], list[float]] = {}
     for r in res:
-        for kind, stage, sec in r["runs"][name]["op_times"]:
+        for kind, stage, sec in r["runs"][name]["op_times"][step]:
             times.setdefault((kind, stage), []).append(sec)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_virtual = 1 + max(s for _, s in med)
@@ -157,8 +157,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4, help="microbatch size (part 1 and 2)")
     ap.add_argument("--micro", type=int, default=8, help="microbatches per pipeline step")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip", choices=("memory", "pipeline"), default=None)
+    ap.add_argument("--dump", metavar="PATH", default=None, help="also write the pipeline runs' raw results (JSON)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}; GPT block {args.width} wide, microbatch {args.batch} x {args.seq} tokens")
 
@@ -175,15 +176,27 @@ def main() -> None:
         return
     print("\n2. real pipeline: 2 processes (gloo, 1 thread each), 1 GPT block per stage, memfit-compiled stages;")
     print("   simulated from the same run's measured action times (median per stage) and hop time")
+    print(f"   (medians over steps 2-{args.steps}; meas/sim: the median of each step's own ratio)")
     print(f"  {'schedule':18s} {'measured':>10s} {'simulated':>10s} {'meas/sim':>9s} {'sim bubble':>10s}")
+    dumped = {}
     for names in (ONE_STAGE, V_STAGES):
         res = pipeline(names, args.width, args.seq, args.micro, args.batch, args.steps)
+        dumped[",".join(names)] = res
         for name in names:
-            meas = statistics.median(res[0]["runs"][name]["times"][1:])  # the first step compiles
-            sim = simulated(name, res, args.micro)
-            print(f"  {name:18s} {meas * 1e3:8.1f}ms {sim.step_time * 1e3:8.1f}ms {meas / sim.step_time:9.3f} "
-                  f"{100 * sim.bubble_rate_synced:9.1f}%")
+            # each step against its own simulation (the machine's speed drifts between steps); the first compiles
+            steps = range(1, len(res[0]["runs"][name]["times"]))
+            meas = [res[0]["runs"][name]["times"][i] for i in steps]
+            sims = [simulated(name, res, args.micro, i) for i in steps]
+            ratio = statistics.median(m / s.step_time for m, s in zip(meas, sims))
+            print(f"  {name:18s} {statistics.median(meas) * 1e3:8.1f}ms "
+                  f"{statistics.median(s.step_time for s in sims) * 1e3:8.1f}ms {ratio:9.3f} "
+                  f"{100 * statistics.median(s.bubble_rate_synced for s in sims):9.1f}%")
         print(f"  (hop time {res[0]['comm_s'] * 1e3:.2f} ms)")
+    if args.dump:
+        import json
+
+        with open(args.dump, "w") as f:
+            json.dump(dumped, f)
 
 
 if __name__ == "__main__":

@@ -175,9 +175,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, schedules: list[
                     sched.step(target=y, losses=losses)
                 dist.barrier()
                 times.append(time.perf_counter() - t0)
+                if timing:  # each step's actions, each timed where it ran (for the simulator)
+                    run.setdefault("op_times", []).append(list(op_times))
             run["times"] = times
-            if timing:  # the last step's actions, each timed where it ran (for the simulator)
-                run["op_times"] = list(op_times)
             run["pending_after_step"] = len(memfit.runtime.pending_weight_grads())
             run["claimed_w"] = claimed[first_claim:]
             if losses:
