@@ -209,7 +209,7 @@ def _plan_pipeline(args: argparse.Namespace) -> int:
     print(result.verdict())
     for c in result.considered[:12]:
         mark = "*" if result.chosen is not None and (c.schedule, c.option) == (result.chosen.name, result.option.label) else " "
-        print(f"  {mark} {c.schedule:7s} {c.option:44s} step {c.step_time * 1e3:9.2f} ms  bubble {100 * c.bubble_rate:5.1f}%"
+        print(f"  {mark} {c.schedule:7s} {c.option:56s} step {c.step_time * 1e3:9.2f} ms  bubble {100 * c.bubble_rate:5.1f}%"
               f"  peak {format_bytes(c.peak_activations):>11}  {'fits' if c.fits else 'over'}")
     if len(result.considered) > 12:
         print(f"  ... {len(result.considered) - 12} more in the report")

@@ -64,6 +64,10 @@ def test_cli_plans_a_pipeline_and_writes_the_report(tmp_path, capsys):
     # every schedule was weighed, with and without checkpointing
     assert {c["schedule"] for c in data["considered"]} == {"1F1B", "1F1B-I", "ZB-H1", "ZB-H2", "ZB-V", "V-Half", "V-Min"}
     assert {c["option"] == "no checkpointing" for c in data["considered"]} == {True, False}
+    # with checkpointing, W holding B's recomputed values or recomputing them itself (less held, more W time)
+    held = {c["option"] for c in data["considered"] if c["option"].endswith("W holds")}
+    again = {c["option"] for c in data["considered"] if c["option"].endswith("W recomputes")}
+    assert held and len(held) == len(again)
     # the chosen is the fastest that fits
     fitting = [c for c in data["considered"] if c["fits"]]
     assert chosen["step_time_s"] == pytest.approx(min(c["step_time"] for c in fitting))

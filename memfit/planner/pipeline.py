@@ -13,12 +13,12 @@ Why all the pairs: a tight budget can be met either by a schedule that holds few
 more in flight (ZB-H2, 2p-1); which is faster depends on the recompute time against the bubble, and
 only the simulation tells. ``memfit plan examples/gpt.py --pipeline-stages 4 --microbatches 8 --budget
 40MiB --comm-ms 0.5`` (2026-12-02): ZB-V without checkpointing is fastest (489 ms predicted) but holds
-98 MiB a stage; within 40 MiB the plan is V-Min with checkpointing keeping 79% of the activations (679 ms,
-39 MiB), ahead of any schedule holding more microbatches with deeper checkpointing.
+98 MiB a stage; within 40 MiB the plan is V-Min with checkpointing keeping 79% of the activations and W
+recomputing (683 ms, 39 MiB), ahead of any schedule holding more microbatches with deeper checkpointing.
 
-Not modelled (said in the report): W recomputing part of the forward instead of holding what B
-hands it (the split planner decides that per compiled stage graph, by the bytes it holds; the
-simulation takes the larger figure); uneven stages.
+With checkpointing, each plan comes twice: W holding what it needs of B's recomputation, or W
+recomputing it (less held between B and W, more time in W, which a zero-bubble schedule may hide in
+a bubble). Not modelled (said in the report): uneven stages.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StageOption:
     label: str
     costs: StageCosts
     recompute_s: float = 0.0
-    """Seconds of recomputation the plan adds to each stage's B, per microbatch."""
+    """Seconds of recomputation the plan adds to each stage's B (and W, where W recomputes), per microbatch."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,10 @@ def stage_options_from_step(backend, stages: int, *, param_bytes: int = 0, resid
     weight GEMMs' inputs and output gradients; taken as all of ``mem_f``: memfit's W holds X and dY);
     ``resident``: parameters and gradients (``resident_per_param`` times the parameters). A checkpoint
     point of the curve at peak P with recompute R saves the unchanged peak minus P less per microbatch
-    and adds R to B."""
+    and adds R to B; W then holds what it needs of the recomputed values from B (taken as all of the
+    unchanged activations) or recomputes them itself (R added to W too, and W holds only what was kept).
+    The split planner makes the same choice per compiled stage, by bytes held
+    (:func:`memfit.planner.split_backward.plan_split`)."""
     records = backend.latest_records()
     f = bw = w = 0.0
     saved = base_peak = 0
@@ -161,10 +164,18 @@ def stage_options_from_step(backend, stages: int, *, param_bytes: int = 0, resid
         if keep <= 0 or keep >= saved or keep in seen or extra <= 0:
             continue
         seen.add(keep)
+        share = f"{100 * keep / saved:.0f}% of activations kept"
+        # B recomputes the forward; W then either holds what it needs of it from B (up to all of the
+        # unchanged activations) or computes it again itself from what was kept (W's recompute)
         options.append(StageOption(
-            f"checkpointing ({100 * keep / saved:.0f}% of activations kept)",
-            StageCosts(f / stages, (b + extra) / stages, w / stages, keep // stages, keep // stages, resident),
+            f"checkpointing ({share}), W holds",
+            StageCosts(f / stages, (b + extra) / stages, w / stages, keep // stages, saved // stages, resident),
             recompute_s=extra / stages,
+        ))
+        options.append(StageOption(
+            f"checkpointing ({share}), W recomputes",
+            StageCosts(f / stages, (b + extra) / stages, (w + extra) / stages, keep // stages, keep // stages, resident),
+            recompute_s=2 * extra / stages,
         ))
     return options
 
@@ -193,8 +204,8 @@ def to_json(p: PipelinePlan, title: str = "") -> dict:
 
 NOT_MODELLED = (
     "stages are equal shares of the model (embeddings and head not apart)",
-    "W holds what B hands it (mem_w = mem_f); where W recomputes forward values instead (each stage's compiled "
-    "graph, by the split planner), it holds less than simulated",
+    "without checkpointing W holds what B hands it as all of the saved activations (an upper bound: X and dY of "
+    "each weight GEMM)",
 )
 
 
