@@ -292,10 +292,12 @@ def _figures(p: PipelinePlan) -> str:
     for rank, ops in enumerate(r.timeline):
         for op, s, e in ops:
             ax.barh(rank, (e - s) * 1e3, left=s * 1e3, color=COLOURS[op.kind], edgecolor="white", linewidth=0.3)
+            if (e - s) > 0.008 * r.step_time:  # the microbatch, where the bar has room for it
+                ax.text((s + e) / 2 * 1e3, rank, str(op.mb), ha="center", va="center", fontsize=6, color="white")
     ax.set_yticks(range(ranks), [f"rank {i}" for i in range(ranks)])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
-    ax.set_title(f"{r.name}: F blue, B orange, W green, B+W red")
+    ax.set_title(f"{r.name}: F blue, B orange, W green, B+W red; numbers are microbatches")
     timeline = _svg(fig)
     fig, ax = plt.subplots(figsize=(11, 3))
     chunks = {}
