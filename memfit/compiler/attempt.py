@@ -204,7 +204,8 @@ class Attempt:
             from torch._functorch.partitioners import _is_primal
 
             primal_names = [n.name for n in chosen.joint.graph.nodes if _is_primal(n)]
-            split_plan = planning.split(self, chosen.fw, chosen.bw, num_fwd_outputs, primal_names, ctx.params, name, ctx.notes)
+            split_plan = planning.split(self, chosen.fw, chosen.bw, num_fwd_outputs, primal_names, ctx.params, name,
+                                        ctx.notes, budget=ctx.budget)
             if split_plan is not None:
                 chosen.pair, chosen.analysis = ctx.analyse(chosen.fw, chosen.bw)
         self.records.append(self._record(ctx, base, chosen, split_plan, candidates, joint_partitioner))

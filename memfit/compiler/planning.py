@@ -384,15 +384,18 @@ def fewbit(attempt, ctx: "Planning", rewritable, baseline_bw, baseline, notes, b
     return rewritable, plan, (fw, bw, pair, analysis)
 
 
-def split(attempt, fw, bw, num_fwd_outputs, primal_names, params, name, notes):
+def split(attempt, fw, bw, num_fwd_outputs, primal_names, params, name, notes, budget=None):
     """Plan the split of ``bw`` into B and W, then carry it out (stashed on ``bw.meta`` for the
     backward compiler); returns the plan, or None with the reason in ``notes`` and the graphs as
-    they were."""
+    they were. W may recompute forward values instead of holding them only where no ``budget`` binds
+    the graph: the checkpoint planner priced the plain split's hand-off, and fewer bytes held between
+    B and W can still raise the step's peak (see :func:`memfit.planner.split_backward.plan_split`)."""
     from memfit.passes import split_backward as split_pass
     from memfit.planner import split_backward as split_planner
 
     try:
-        plan = split_planner.plan_split(fw, bw, num_fwd_outputs=num_fwd_outputs, primals=primal_names, params=params)
+        plan = split_planner.plan_split(fw, bw, num_fwd_outputs=num_fwd_outputs, primals=primal_names, params=params,
+                                        recompute=None if budget is None else False)
     except (CantApply, split_planner.NothingToSplit) as e:
         reason = getattr(e, "reason", str(e))
         notes.append(Note(f"split_backward: not applied: {reason}", "split_backward",
