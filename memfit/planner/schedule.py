@@ -86,12 +86,15 @@ class ScheduleResult:
     peak_activations: tuple[float, ...] = ()
     """Per rank: the most activation memory alive at once, in units of that rank's ``mem_f`` (the
     microbatches' worth a schedule holds: 1F1B ``p-r``)."""
-    order: tuple[tuple[Op, ...], ...] = field(repr=False, default=())
-    """Per rank, the ops in the order they ran."""
     comm_hops: int = 0
     """Point-to-point transfers per step (activations forward plus gradients back)."""
     timeline: tuple[tuple[tuple[Op, float, float], ...], ...] = field(repr=False, default=())
     """Per rank: (op, start, end) in run order, for drawing."""
+
+    @property
+    def order(self) -> tuple[tuple[Op, ...], ...]:
+        """Per rank, the ops in the order they ran."""
+        return tuple(tuple(op for op, _, _ in rank) for rank in self.timeline)
 
     def fits(self, budget: int | None) -> bool:
         return budget is None or max(self.peak_bytes) <= budget
@@ -219,21 +222,22 @@ def _order_from_slots(p: int, m: int, slots: dict[str, callable]) -> list[list[O
             row = level[_rank_v(op.stage, p)]
             for s in range(t, horizon):
                 row[s] += d
-    limit = [max(row) for row in level]
+    limit = _peak_in_flight(placed, p)
 
-    def earliest(op: Op) -> int:
+    def earliest(op: Op, at: dict[Op, int]) -> int:
+        """The first slot ``op``'s input allows, under placement ``at``."""
         if op.kind == "W":
-            return placed[Op("B", op.stage, op.mb)] + 1
+            return at[Op("B", op.stage, op.mb)] + 1
         if op.kind == "F":
-            return placed[Op("F", op.stage - 1, op.mb)] + 1 if op.stage else 0
+            return at[Op("F", op.stage - 1, op.mb)] + 1 if op.stage else 0
         if op.stage == 2 * p - 1:
-            return placed[Op("F", op.stage, op.mb)] + 1
-        return placed[Op("B", op.stage + 1, op.mb)] + 1
+            return at[Op("F", op.stage, op.mb)] + 1
+        return at[Op("B", op.stage + 1, op.mb)] + 1
 
     for op, t in sorted(placed.items(), key=lambda x: (x[1], x[0].stage)):
         r = _rank_v(op.stage, p)
         row = level[r]
-        for s in range(earliest(op), t):
+        for s in range(earliest(op, placed), t):
             if s in occupied[r] or (op.kind == "F" and max(row[s:t]) + 1 > limit[r]):
                 continue
             occupied[r].discard(t)
@@ -256,8 +260,7 @@ def _order_from_slots(p: int, m: int, slots: dict[str, callable]) -> list[list[O
         if op.kind != "B" or t <= last_f:
             continue
         r = _rank_v(op.stage, p)
-        dep = fb[Op("F", op.stage, op.mb)] if op.stage == 2 * p - 1 else fb[Op("B", op.stage + 1, op.mb)]
-        for s in range(dep + 1, t):
+        for s in range(earliest(op, fb), t):
             if s not in busy[r]:
                 busy[r].discard(t)
                 busy[r].add(s)
@@ -391,7 +394,6 @@ class _Engine:
         self.busy = [0.0] * self.p
         self.mem = [0.0] * self.p
         self.peak = [0.0] * self.p
-        self.order: list[list[Op]] = [[] for _ in range(self.p)]
         self.timeline: list[list[tuple[Op, float, float]]] = [[] for _ in range(self.p)]
         self.hops = 0
 
@@ -415,15 +417,7 @@ class _Engine:
             return [hop(nxt if nxt in self.end else Op("B", op.stage + 1, op.mb))]
         return [(Op("B", op.stage, op.mb), 0.0)]
 
-    def ready_at(self, op: Op) -> float | None:
-        t = 0.0
-        for d, delay in self.deps(op):
-            if d not in self.end:
-                return None
-            t = max(t, self.end[d] + delay)
-        return t
-
-    def run(self, r: int, op: Op, start: float) -> None:
+    def run(self, r: int, op: Op, start: float, deps: list[tuple[Op, float]]) -> None:
         c = self.vc[op.stage]
         end = start + self.dur(op)
         self.end[op] = end
@@ -434,9 +428,8 @@ class _Engine:
         mem_f, mem_w = c[3], c[4]
         self.mem[r] += {"F": mem_f, "B": mem_w - mem_f, "W": -mem_w, "BW": -mem_f}[op.kind]
         self.peak[r] = max(self.peak[r], self.mem[r])
-        if any(self.rank[d.stage] != r for d, _ in self.deps(op)):
+        if any(self.rank[d.stage] != r for d, _ in deps):
             self.hops += 1
-        self.order[r].append(op)
         self.timeline[r].append((op, start, end))
 
     def fixed(self, orders: list[list[Op]]) -> None:
@@ -452,11 +445,13 @@ class _Engine:
         while heap:
             _, r = heapq.heappop(heap)
             op = orders[r][pos[r]]
-            missing = next((d for d, _ in self.deps(op) if d not in self.end), None)
+            deps = self.deps(op)
+            missing = next((d for d, _ in deps if d not in self.end), None)
             if missing is not None:
                 waiting.setdefault(missing, []).append(r)
                 continue
-            self.run(r, op, max(self.ready_at(op), self.rank_time[r]))
+            start = max([self.rank_time[r]] + [self.end[d] + delay for d, delay in deps])
+            self.run(r, op, start, deps)
             pos[r] += 1
             if pos[r] < len(orders[r]):
                 heapq.heappush(heap, (self.rank_time[r], r))
@@ -484,7 +479,6 @@ class _Engine:
             idle=tuple(idle),
             peak_bytes=tuple(costs[r].resident + int(round(self.peak[r])) for r in range(self.p)),
             peak_activations=tuple(self.peak[r] / costs[r].mem_f if costs[r].mem_f else 0.0 for r in range(self.p)),
-            order=tuple(tuple(o) for o in self.order),
             comm_hops=self.hops,
             timeline=tuple(tuple(t) for t in self.timeline),
         )

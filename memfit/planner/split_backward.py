@@ -338,8 +338,7 @@ def _plan_graph(
     split_ops, kept = _settle_mixed_ops(graph, pairs, w_nodes)
     recomputed = [n.name for n in graph.nodes if n in again]
     if recomputed:
-        copies = set(duplicate_for_w(graph, recomputed, {n.name for n in w_nodes}).values())
-        w_nodes |= {n for n in graph.nodes if n.name in copies}
+        w_nodes |= set(duplicate_for_w(graph, recomputed, {n.name for n in w_nodes}).values())
     handoff = _handoff(graph, outs, w_pos, w_nodes)
     held = sum(int(_value_bytes(n)) for n in handoff if not (n.op == "placeholder" and n.name in resident))
     w_flops = sum(node_flops(n) for n in w_nodes)
@@ -359,10 +358,10 @@ def _plan_graph(
     )
 
 
-def duplicate_for_w(graph: torch.fx.Graph, names: Sequence[str], w_names: set[str]) -> dict[str, str]:
+def duplicate_for_w(graph: torch.fx.Graph, names: Sequence[str], w_names: set[str]) -> dict[torch.fx.Node, torch.fx.Node]:
     """Give W its own copies of the nodes ``names`` (in graph order, each right after its original,
     reading the copies of its inputs where there are), and make the W nodes (``w_names``) read the
-    copies. Returns original name -> copy name. The planner (on a replica) and the pass (on the graph)
+    copies. Returns original -> copy. The planner (on a replica) and the pass (on the graph)
     both call this, in the same state, so the copies get the same names."""
     wanted = set(names)
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -377,7 +376,7 @@ def duplicate_for_w(graph: torch.fx.Graph, names: Sequence[str], w_names: set[st
     made = set(copies.values())
     for n, c in copies.items():
         n.replace_all_uses_with(c, delete_user_cb=lambda u: u.name in w_names and u not in made)
-    return {n.name: c.name for n, c in copies.items()}
+    return copies
 
 
 def _recomputable(n: torch.fx.Node, tangent_free: set[torch.fx.Node]) -> bool:
