@@ -36,6 +36,10 @@ def test_plan_chooses_the_fastest_schedule_that_fits():
     # below every schedule's peak without checkpointing: only checkpointed plans fit
     tight = plan([NONE, CKPT], p, m, budget=MB)
     assert tight.option is CKPT
+    # the verdict compares with 1F1B without checkpointing, whatever was chosen
+    assert (tight.baseline.schedule, tight.baseline.option) == ("1F1B", NONE.label)
+    assert tight.baseline.step_time == pytest.approx(simulate("1F1B", [NONE.costs] * p, m).step_time)
+    assert "the speed of 1F1B with no checkpointing" in tight.verdict()
     # below everything: refused with the smallest reachable peak (V-Min with checkpointing: 2 x MB/4)
     refused = plan([NONE, CKPT], p, m, budget=100)
     assert not refused.fits and refused.chosen is None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.planner.schedule import SCHEDULES, ScheduleResult, StageCosts, simulate
+from memfit.planner.schedule import SCHEDULES, ScheduleResult, StageCosts, choose
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class PipelinePlan:
     smallest_peak: int
     """The least activation peak any candidate reaches (what a refusal reports)."""
     notes: tuple[str, ...] = field(default=())
+    baseline: Considered | None = None
+    """1F1B with the first stage option (no checkpointing): what the verdict compares with."""
 
     @property
     def fits(self) -> bool:
@@ -71,9 +73,8 @@ class PipelinePlan:
         if self.chosen is None:
             return (f"does not fit: the smallest per-stage activation peak any schedule and checkpoint plan reaches "
                     f"is {_fmt(self.smallest_peak)}, over the budget {_fmt(self.budget)}")
-        base = min((c for c in self.considered if c.schedule == "1F1B" and c.option == self.considered[0].option),
-                   key=lambda c: c.step_time, default=None)
-        vs = f", {base.step_time / self.chosen.step_time:.2f}x the speed of 1F1B without checkpointing" if base else ""
+        base = self.baseline
+        vs = f", {base.step_time / self.chosen.step_time:.2f}x the speed of 1F1B with {base.option}" if base else ""
         return (f"{self.chosen.name} with {self.option.label}: step {self.chosen.step_time * 1e3:.2f} ms, "
                 f"bubble {100 * self.chosen.bubble_rate_synced:.1f}%, peak activations/stage "
                 f"{_fmt(_act_peak(self.chosen, self.option))}" + (f" within {_fmt(self.budget)}" if self.budget else "")
@@ -101,23 +102,27 @@ def plan(options: list[StageOption], stages: int, microbatches: int, *, budget: 
         raise ValueError(f"need at least one microbatch (got {microbatches})")
     if not options:
         raise ValueError("no stage options to plan with")
-    considered, results, notes = [], [], []
-    for s in schedules:
-        if s == "1F1B-I" and microbatches % stages:
-            notes.append(f"1F1B-I left out: {microbatches} microbatches are not a multiple of {stages} stages")
-            continue
-        for opt in options:
-            r = simulate(s, [opt.costs] * stages, microbatches, comm=comm_s)
-            peak = _act_peak(r, opt)
-            fits = budget is None or peak <= budget
-            considered.append(Considered(s, opt.label, r.step_time, r.bubble_rate_synced, peak, fits))
-            results.append((r, opt, fits))
-    fitting = [(r, o) for r, o, f in results if f]
-    best = min(fitting, key=lambda x: (x[0].step_time, _act_peak(*x))) if fitting else (None, None)
+    notes = []
+    if "1F1B-I" in schedules and microbatches % stages:  # choose() leaves it out
+        notes.append(f"1F1B-I left out: {microbatches} microbatches are not a multiple of {stages} stages")
+    considered, fitting, baseline = [], [], None
+    for opt in options:
+        # the budget is on activations; choose() weighs whole peaks, resident memory included
+        limit = None if budget is None else budget + opt.costs.resident
+        best, results = choose([opt.costs] * stages, microbatches, budget=limit, comm=comm_s, schedules=schedules)
+        for r in results:
+            row = Considered(r.name, opt.label, r.step_time, r.bubble_rate_synced, _act_peak(r, opt), r.fits(limit))
+            considered.append(row)
+            if opt is options[0] and r.name == "1F1B":
+                baseline = row
+        if best is not None:
+            fitting.append((best, opt))
+    chosen, option = min(fitting, key=lambda x: (x[0].step_time, _act_peak(*x))) if fitting else (None, None)
     considered.sort(key=lambda c: (not c.fits, c.step_time, c.peak_activations))
     return PipelinePlan(
-        stages=stages, microbatches=microbatches, budget=budget, comm_s=comm_s, chosen=best[0], option=best[1],
+        stages=stages, microbatches=microbatches, budget=budget, comm_s=comm_s, chosen=chosen, option=option,
         considered=tuple(considered), smallest_peak=min(c.peak_activations for c in considered), notes=tuple(notes),
+        baseline=baseline,
     )
 
 
