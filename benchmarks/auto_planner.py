@@ -52,6 +52,9 @@ def _split(inputs):
 
 def smallest_feasible(factory) -> int:
     """The smallest predicted peak memfit can plan for (fake tensors; no plan is compiled)."""
+    from memfit.planner import choice
+
+    choice.REFUSE_BELOW_FLOOR = False  # plan below the step's floor: the smallest-peak plan is what is wanted
     be, _ = trace_step(factory, budget=1, strict=False, inner="inductor", allow_approximation=True)
     return min(c["peak"] for r in be.records for c in r.candidates)
 

@@ -73,6 +73,9 @@ def run(args) -> dict:
                 options = dict(passes=passes, inner=inner)
                 at = budget
                 if floor:
+                    from memfit.planner import choice
+
+                    choice.REFUSE_BELOW_FLOOR = False  # plan below the step's floor to learn the smallest peak
                     probe = copy.deepcopy(base)
                     memfit.hf.compile(probe, **options, budget=1)
                     try:

@@ -114,6 +114,9 @@ class BudgetError(ShortenTraceback):
         self.fallback = None
         self.baseline = None
         """(GraphPair, StepAnalysis) of the graph's baseline partition, where a partition refused it."""
+        self.at_least = False
+        """True: refused before planning, ``smallest_peak`` is what the step needs at the very least
+        (``memfit.planner.budget.StepFloor``), not a peak a plan reached."""
         """With ``strict=False``: the smallest-peak plan, kept for a report of what does not fit."""
         if message is None:
             extra = ""

@@ -131,12 +131,15 @@ def _probe_budget(model, idx, tgt, inner: str, fraction: float, result: dict) ->
     """
     import memfit
 
+    from memfit.planner import choice
+
+    choice.REFUSE_BELOW_FLOOR = False  # plan below the step's floor: the smallest-peak plan is what is wanted
     probe = memfit.backend(inner=inner, passes="auto", budget=1)
     probe.strict = False
     torch.compile(model, backend=probe)(idx, tgt).backward()
     model.zero_grad(set_to_none=True)
     unplanned = max(r.before.memory.peak_bytes for r in probe.records)
-    smallest = max(min(c["peak"] for c in r.candidates) for r in probe.records)
+    smallest = max(min(c["peak"] for c in r.candidates if not c.get("probe")) for r in probe.records)
     result["probe"] = {"graphs": len(probe.records), "unplanned_peak": unplanned, "smallest_peak": smallest}
     torch._dynamo.reset()  # the real compile must plan again, under the real budget
     return int(smallest + fraction * (unplanned - smallest))

@@ -80,11 +80,17 @@ def test_auto_without_approximation_is_exact_and_matches_eager():
     for k in grads_ref:
         torch.testing.assert_close(grads[k], grads_ref[k], rtol=1.3e-6, atol=1e-5)
     rec = be.records[-1]
-    labels = [c["label"] for c in rec.candidates]
+    own = [c for c in rec.candidates if not c.get("probe")]
+    labels = [c["label"] for c in own]
     # few-bit is not even evaluated without permission; the exact share_norms is, and the checkpoint plan
     # is made on the graph with shared norms
     assert labels == ["unchanged", "share_norms", "share_norms + checkpoint"]
-    assert rec.fewbit is None and rec.plan is not None and [c["chosen"] for c in rec.candidates] == [False, False, True]
+    assert rec.fewbit is None and rec.plan is not None and [c["chosen"] for c in own] == [False, False, True]
+    # the plan recomputes, so stream plans were weighed too, by time: none fitting was predicted faster
+    probes = [c for c in rec.candidates if c.get("probe")]
+    assert probes and all(c["label"].startswith("stream ") for c in probes)
+    assert all(c["time_s"] >= own[-1]["time_s"] for c in probes if c["fits"])
+    assert any("weighed" in str(n) for n in rec.notes)
     assert not any(d["technique"] == "fewbit" for d in rec.decisions)
 
 
@@ -145,7 +151,7 @@ def test_non_strict_keeps_the_smallest_peak_plan_and_says_why():
     torch.compile(model, backend=be)(*args).backward()
     rec = be.records[-1]
     assert be.infeasible and "no plan fits the budget" in be.infeasible[0]
-    smallest = min(c["peak"] for c in rec.candidates)
+    smallest = min(c["peak"] for c in rec.candidates if not c.get("probe"))  # probes: the stream search's rows
     assert rec.analysis.memory.peak_bytes == smallest
     assert any(n.startswith("does not fit") for n in rec.notes)
 
@@ -173,19 +179,26 @@ def test_auto_streams_only_where_no_exact_plan_fits_without_it():
         torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-5, atol=1e-6)
     rec = be.records[-1]
     stream_ops = [n for n in rec.pair.forward.graph.nodes if n.target is torch.ops.memfit.stream.default]
-    assert stream_ops and any("auto: no plan fits without it" in n for n in rec.notes), rec.notes
-    assert rec.partition.startswith("stream + ") and all(c["label"].startswith("stream + ") for c in rec.candidates)
+    assert stream_ops and any("auto: no plan fits without streaming" in n for n in rec.notes), rec.notes
+    own = [c for c in rec.candidates if not c.get("probe")]
+    assert rec.partition.startswith("stream + ") and all(c["label"].startswith("stream + ") for c in own)
     assert not be.infeasible and rec.analysis.memory.peak_bytes <= budget
     assert [r.name for r in be.records] == ["g0"]  # the search's probes take no names (was g9)
     m = measure(training_step(compiled, (idx, tgt)), repeat=1)
     assert m.peak_bytes <= budget * 1.02, (m.peak_bytes, budget)
 
+    # at a budget checkpointing meets, streaming is weighed against it by predicted time, not taken first
     torch._dynamo.reset()
     assert floor * 1.05 < _peak_unplanned(model, (idx, tgt))
     be = memfit.backend(budget=int(floor * 1.05), inner="eager")
     torch.compile(copy.deepcopy(model), backend=be)(idx, tgt).backward()
     rec = be.records[-1]
-    assert rec.plan is not None and not any(n.target is torch.ops.memfit.stream.default for n in rec.pair.forward.graph.nodes)
+    streamed = any(n.target is torch.ops.memfit.stream.default for n in rec.pair.forward.graph.nodes)
+    verdict = next(n for n in rec.notes if "stream plan(s)" in str(n))
+    probes = [c for c in rec.candidates if c.get("probe") and c["fits"]]
+    chosen = next(c for c in rec.candidates if c["chosen"])
+    assert probes and all(c["time_s"] >= chosen["time_s"] * 0.999 for c in probes), (chosen, probes)
+    assert ("chose stream" in str(verdict)) == streamed and (streamed or rec.plan is not None), verdict
 
 
 def test_auto_does_not_warn_about_a_stream_pass_nobody_named():
@@ -203,3 +216,49 @@ def test_auto_does_not_warn_about_a_stream_pass_nobody_named():
     (rec,) = be.records
     assert any(n.startswith("stream: not applied: no integer [batch, seq] input") for n in rec.notes), rec.notes
     assert be.infeasible  # and the budget is not met: said, not hidden
+
+
+@pytest.mark.floor_check
+def test_a_budget_below_the_floor_is_refused_before_any_planning(tmp_path, monkeypatch):
+    """A budget under what the step needs whatever the plan (its parameters' gradients, its largest op)
+    is refused from the Dynamo graph alone: no checkpoint program, no stream search (a 1-byte budget
+    took 60 s to refuse on examples/gpt.py). The floor is a true lower bound of the planner's smallest
+    peak, and the report says "needs at least", not "smallest reachable"."""
+    import json
+
+    from memfit.compiler import search
+    from memfit.planner import checkpoint, choice
+
+    model, args, kwargs = build("gpt")
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def searched(*a, **k):
+        raise AssertionError("a plan was searched for a budget below the floor")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "plan", searched)
+        m.setattr(search, "search_streams", searched)
+        path = tmp_path / "r.md"
+        be = memfit.backend(budget=1024, inner="eager", report=str(path))
+        with pytest.raises(BudgetError) as e:
+            torch.compile(copy.deepcopy(model), backend=be)(*args)
+    err = e.value
+    assert err.at_least and err.budget == 1024 and err.smallest_peak >= grads
+    assert "at the very least" in str(err) and "gradients" in str(err) and "none was searched" in str(err)
+    assert "needs at least" in path.read_text() and "no plan was searched" in path.read_text()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["fits"] is False and data["at_least"] and data["smallest_peak"] == err.smallest_peak
+
+    # the floor is below what the planner can reach (searched now), and below the measured unplanned step
+    torch._dynamo.reset()
+    monkeypatch.setattr(choice, "REFUSE_BELOW_FLOOR", False)
+    with pytest.raises(BudgetError) as searched_err:
+        torch.compile(copy.deepcopy(model), backend=memfit.backend(budget=1024, inner="eager"))(*args)
+    assert not searched_err.value.at_least and searched_err.value.smallest_peak >= err.smallest_peak
+    assert _peak_unplanned(model, args) >= err.smallest_peak
+    # and just above the floor the search runs as before (refused with the smallest reachable peak)
+    torch._dynamo.reset()
+    monkeypatch.setattr(choice, "REFUSE_BELOW_FLOOR", True)
+    with pytest.raises(BudgetError) as above:
+        torch.compile(copy.deepcopy(model), backend=memfit.backend(budget=err.smallest_peak, inner="eager"))(*args)
+    assert not above.value.at_least and above.value.smallest_peak == searched_err.value.smallest_peak

@@ -154,6 +154,7 @@ class MemfitBackend:
         return self._commit(self._search(search.compile_analysis, gm, example_inputs))
 
     def _search(self, compile_one: search.CompileOne, gm, example_inputs) -> Attempt:
+        self._refuse_below_floor(gm, example_inputs)
         if "stream" in self.passes:
             gm, notes = search.stream(self, gm, example_inputs)
             attempt = compile_one(self, gm, example_inputs, notes)
@@ -162,6 +163,26 @@ class MemfitBackend:
         if self.auto_streams:
             return search.stream_or_not(self, compile_one, gm, example_inputs)
         return compile_one(self, gm, example_inputs, [])
+
+    def _refuse_below_floor(self, gm, example_inputs) -> None:
+        """Refuse at once a budget below what the graph needs whatever the plan (``StepFloor``)."""
+        from memfit.planner.budget import step_floor
+
+        budget = self.step_budget().budget
+        if budget is None or not choice.REFUSE_BELOW_FLOOR:
+            return
+        floor = step_floor(gm, example_inputs)
+        if floor.bytes <= budget:
+            return
+        err = BudgetError(floor.bytes, budget, hints=[
+            f"a budget of more than {format_bytes(floor.bytes)}: {floor.describe()}", *self.hints(floor.bytes)], message=(
+            f"memfit: the budget of {format_bytes(budget)} ({budget} bytes) is below what this step needs at the very "
+            f"least, {format_bytes(floor.bytes)}: {floor.describe()}. No plan can go below that, so none was searched. "
+            f"To fit: a budget of more than {format_bytes(floor.bytes)} (the smallest peak memfit reaches is higher: "
+            "plan with a budget above this one to learn it), or shrink the batch or sequence, or split the model "
+            "across devices (pipeline stages, FSDP)"))
+        err.at_least = True
+        raise err
 
     def _commit(self, kept: Attempt) -> Callable:
         """Keep what the attempt recorded, and write the report once."""

@@ -194,40 +194,242 @@ def _fits_exactly(got: Attempt, budget: int, margin: float = 1.0) -> bool:
     return got.error is None and choice.fits_exactly(got.records, got.infeasible, budget, margin)
 
 
-def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attempt:
-    """``passes="auto"``: compile without streaming; if no exact plan fits the budget that way (the
-    graph is over it, or only a few-bit plan fits), stream its token-wise regions and plan again.
+def _time(got: Attempt) -> float:
+    """The predicted step time of an attempt's graphs (roofline, recomputation and streaming included)."""
+    return sum(r.analysis.time_s for r in got.records)
 
-    Why last resort: streaming runs each region chunk by chunk, graphs that Inductor cannot fuse across
-    chunks (1.09x the step of a 2-layer GPT with a 32k vocabulary with the LM head streamed, 1.23x with
-    every region, ``benchmarks/stream.py``; 2.3-2.6x for a 4-layer GPT at its lowest budgets),
-    but it is the only exact technique that removes the LM head's ``[tokens, vocab]`` logits, which
-    are the floor of every checkpoint plan (``benchmarks/acceptance.py``: a nanoGPT GPT at 0.6x and
-    0.45x of its plain peak fits only streamed). The compile with streaming is kept if it fits
-    exactly; else the one whose peak is lower (or the fitting few-bit one)."""
+
+def _unchanged_time(got: Attempt) -> float:
+    """The predicted step time of the attempt's graphs as the baseline partition runs them."""
+    return sum((r.before or r.analysis).time_s for r in got.records)
+
+
+class StreamProbe(NamedTuple):
+    """One stream configuration the auto search weighed: which regions, at what chunk counts, and the
+    predicted peak and time of its step with the checkpoint plan auto would add (fake-tensor analysis)."""
+
+    label: str
+    largest: int | None
+    multiplier: float
+    attention: bool
+    counts: tuple
+    peak: int | None  # None: no plan fits even streamed this way
+    time_s: float
+    fits: bool
+    graph: Any = None  # the streamed Dynamo graph, kept only for the best probe
+    skipped: bool = False  # not planned: its stream ops alone were predicted slower than the best so far
+
+
+def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attempt:
+    """``passes="auto"`` with a budget: one search over streaming and checkpointing, by predicted time.
+
+    The graph is compiled without streaming first (checkpoint and the other enabled passes, as auto
+    plans them). Where that fits with no recomputation (its predicted time is the unchanged step's), it
+    is kept: streaming only adds time. Otherwise stream configurations are weighed
+    (:func:`search_streams`: the largest 1, 2, 4, ... regions and every region, each at the chunk
+    counts that fit, and every region with attentions by query chunks), each analysed with the checkpoint
+    plan it still needs, and the fitting one of least predicted time is compiled if it is predicted
+    faster than the compile without streaming (or that one does not fit exactly). Why by time: at 0.6x
+    of a 2-layer GPT's plain peak every way of streaming fitted, and the escalation that kept the first
+    configuration to fit kept one at 2.2-2.5x the plain step (issue 21); streaming only the LM head and
+    the loss, and checkpointing the rest, had not been weighed. The stream time model is calibrated
+    (``memfit.planner.cost.CPU_STREAM_FACTOR``; ``benchmarks/auto_sweep.py`` checks the choice)."""
     budget = backend.step_budget().budget
+    margin = backend.plan_margin
     plain = _held(compile_one, backend, gm, example_inputs, [])
-    if _fits_exactly(plain, budget):
+    plain_fits = _fits_exactly(plain, budget)
+    if plain_fits and _time(plain) <= _unchanged_time(plain) * choice.STREAM_SEARCH_FROM:
         return _keep(plain)
-    only_fewbit = plain.error is None and not plain.infeasible  # fits, but approximately
-    why = ("only a few-bit (approximate) plan fits" if only_fewbit
-           else f"no plan fits without it (smallest peak {format_bytes(plain.peak)})")
-    notes = [Note(f"auto: {why}; streaming the token-wise regions along the sequence", "auto", "retry")]
-    # the user did not name the pass: a refusal is a note in the record (and the report), not a warning
-    streamed_gm, notes = stream(backend, gm, example_inputs, notes, warn=False)
-    if streamed_gm is gm:  # nothing to stream; the plain compile stands, with the reason
+    only_fewbit = plain.error is None and not plain.infeasible and not plain_fits  # fits, but approximately
+    if plain_fits:
+        why = (f"the plan without streaming fits, at {1e3 * _time(plain):.3f} ms predicted against "
+               f"{1e3 * _unchanged_time(plain):.3f} ms unchanged")
+    elif only_fewbit:
+        why = "only a few-bit (approximate) plan fits without streaming"
+    else:
+        why = f"no plan fits without streaming (smallest peak {format_bytes(plain.peak)})"
+    notes = [Note(f"auto: {why}; weighing stream plans along the sequence", "auto", "retry")]
+    profile = plain.records[0].analysis.profile if plain.records else None
+    probes, best, refused = search_streams(backend, gm, example_inputs, budget * margin, profile)
+    if refused is not None:  # nothing to stream; the plain compile stands, with the reason
         for r in plain.records[:1]:
-            r.notes.extend(notes)
+            r.notes.extend(notes + [refused])
         return _keep(plain)
-    streamed = _held(compile_one, backend, streamed_gm, example_inputs, notes)
+    rows = [_probe_row(p) for p in probes if p.peak]
+    if best is None or (plain_fits and best.time_s >= _time(plain)):
+        if best is not None:
+            release_streamed(best.graph)
+        lowest = min((p for p in probes if p.peak), key=lambda p: p.peak, default=None)
+        if plain_fits or only_fewbit or lowest is None:
+            for r in plain.records[:1]:
+                r.notes.extend(notes)
+                r.notes.append(Note(_verdict(probes, None if not plain_fits else best, plain, plain_fits), "auto", "choice"))
+                r.candidates.extend(rows)
+            return _keep(plain)
+        # nothing fits either way: compile the stream plan of lowest peak, and keep the lower of the two
+        got = stream_once(backend, gm, example_inputs, [], lowest.multiplier, lowest.largest,
+                          attention=lowest.attention, warn=False)
+        got.graph.meta["memfit_stream_notes"] = list(got.notes)
+        best = lowest._replace(graph=got.graph)
+    notes.append(Note(_verdict(probes, best, plain, plain_fits), "auto", "choice"))
+    streamed_gm = best.graph
+    streamed = _held(compile_one, backend, streamed_gm, example_inputs,
+                     notes + list(streamed_gm.meta.get("memfit_stream_notes", ())))
     stream_decisions(streamed, streamed_gm)
     kept = None
     try:
-        kept = _keep_streamed_or_not(backend, plain, streamed, budget, only_fewbit)
+        kept = _keep_streamed_or_not(backend, plain, streamed, budget, only_fewbit, plain_fits, rows)
         return kept
     finally:
         if kept is not streamed:  # the plain compile is kept, or neither: no compiled code runs these regions
             release_streamed(streamed_gm)
+
+
+def _probe_row(p: "StreamProbe") -> dict:
+    """The candidates table's row of a stream probe (the report's "combinations compared"): its predicted
+    peak and time with the checkpoint plan it needs."""
+    return {"label": p.label + " + checkpoint as needed", "peak": p.peak, "time_s": p.time_s, "fits": p.fits,
+            "exact": True, "chosen": False, "curve": [], "probe": True}
+
+
+def _verdict(probes, best, plain: Attempt, plain_fits: bool) -> str:
+    fitting = [p for p in probes if p.fits]
+    head = f"auto: weighed {len(probes)} stream plan(s), {len(fitting)} fit"
+    plain_t = (f"{1e3 * _time(plain):.3f} ms" if plain_fits else
+               f"none fits, smallest peak {format_bytes(plain.peak)}" if plain.error is None or plain.peak else "none fits")
+    if best is None:
+        return f"{head}; without streaming: {plain_t}; compiled without streaming"
+    if plain_fits and best.time_s >= _time(plain):
+        return (f"{head}; the fastest, {best.label}, is predicted at {1e3 * best.time_s:.3f} ms against "
+                f"{plain_t} without streaming: compiled without streaming")
+    if not best.fits:
+        return (f"{head}; none fits either way: compiled the one of lowest predicted peak, {best.label} "
+                f"({format_bytes(best.peak or 0)})")
+    return (f"{head}; chose {best.label}, predicted {format_bytes(best.peak or 0)} and {1e3 * best.time_s:.3f} ms "
+            f"(without streaming: {plain_t})")
+
+
+def _label(plan, largest, n) -> str:
+    what = "every region" if largest is None or largest >= n else f"the {largest} largest region(s)"
+    return (f"stream {what} in " + "/".join(str(r.chunks) for r in plan.regions) + " chunks"
+            + (", attentions by query chunks" if any(r.attentions for r in plan.regions) else ""))
+
+
+def _stream_time(gm, profile) -> float:
+    """Predicted time of the stream ops of a streamed graph (forward and backward): a lower bound of its
+    step's time, known before the step is planned."""
+    from memfit.kernels.stream import REGISTRY
+
+    total = 0.0
+    for key in gm.meta.get("memfit_stream_keys", ()):
+        r = REGISTRY.get(key)
+        if r is not None:
+            total += r.time(profile, backward=False) + (0.0 if r.plan.grad_in_forward else r.time(profile, backward=True))
+    return total
+
+
+def search_streams(backend, gm, example_inputs, limit: float, profile=None):
+    """Weigh stream configurations of ``gm`` against ``limit`` (the budget less the planning margin).
+
+    Region subsets: the 1, 2, 4, ... largest regions and every region (``choice.stream_subsets``), and
+    every region with attentions by query chunks. Each is tried at its most chunks (the planner's default
+    counts times the largest of ``choice.STREAM_CHUNK_MULTIPLIERS``); where that fits, the fewest chunks
+    that still fit are found by bisection over the multipliers (fewer, wider chunks run faster). Every
+    probe is a fake-tensor analysis of the streamed step with the checkpoint plan it needs, and a
+    candidate: the least predicted time among those that fit wins, whatever its chunk count.
+    A configuration whose stream ops alone are predicted slower than the best plan so far is not
+    planned further (``profile``: the device profile of those predictions). Returns (probes, the
+    fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
+    streamed)."""
+    n = region_count(backend, gm, example_inputs)
+    if not n:
+        got = stream_once(backend, gm, example_inputs, [], 1, None, warn=False)
+        if got.graph is gm:
+            return [], None, got.notes[-1] if got.notes else Note("stream: nothing to stream", "stream", "nothing_to_do")
+        release_streamed(got.graph)
+        n = 1
+    probes: list[StreamProbe] = []
+    best: StreamProbe | None = None
+    seen: dict = {}
+
+    def probe(largest, mult, attention) -> StreamProbe | None:
+        nonlocal best, profile
+        got = stream_once(backend, gm, example_inputs, [], mult, largest, attention=attention, warn=False)
+        if got.graph is gm:
+            return None
+        counts = tuple((r.name, r.chunks, len(r.attentions)) for r in got.plan.regions)
+        if counts in seen:  # another multiplier gave these counts already
+            release_streamed(got.graph)
+            return seen[counts]
+        floor = _stream_time(got.graph, profile) if profile is not None else 0.0
+        if best is not None and floor >= best.time_s:
+            # the stream ops alone take longer than the best plan so far: no need to plan the rest
+            release_streamed(got.graph)
+            if backend.progress:
+                backend.progress(f"stream search: {_label(got.plan, largest, n)}: skipped, its stream ops alone are "
+                                 f"predicted at {1e3 * floor:.2f} ms, the best so far {1e3 * best.time_s:.2f} ms")
+            seen[counts] = StreamProbe(_label(got.plan, largest, n), largest, mult, attention, counts, None, floor,
+                                       False, skipped=True)
+            return seen[counts]
+        peak, t, fits, analysed = _analyse(backend, got.graph, example_inputs, limit)
+        profile = profile or analysed
+        label = _label(got.plan, largest, n)
+        p = StreamProbe(label, largest, mult, attention, counts, peak, t, fits, got.graph)
+        got.graph.meta["memfit_stream_notes"] = [n for n in got.notes]
+        if fits and (best is None or t < best.time_s):
+            if best is not None:
+                release_streamed(best.graph)
+            best = p
+        else:
+            release_streamed(got.graph)
+        probes.append(p._replace(graph=None))
+        seen[counts] = probes[-1]
+        if backend.progress:
+            backend.progress(f"stream search: {label}: " + (
+                f"predicted {format_bytes(peak)}, {1e3 * t:.2f} ms, {'fits' if fits else 'over'}" if peak else "no plan fits"))
+        return p
+
+    configs = [(k, False) for k in choice.stream_subsets(n)] + [(None, True)]
+    mults = sorted(set(choice.FEWER_CHUNK_FRACTIONS) | set(choice.STREAM_CHUNK_MULTIPLIERS))
+    for largest, attention in configs:
+        # the fewest chunks that fit, by bisection over the multipliers: the peak falls as chunks are added,
+        # the time rises (a probe skipped for its stream ops' time counts as "fewer chunks, please")
+        top = probe(largest, mults[-1], attention)
+        if top is None or not (top.fits or top.skipped):
+            continue  # nothing to stream this way, or it does not fit even at its most chunks
+        tried, lo, hi = [top], -1, len(mults) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            p = probe(largest, mults[mid], attention)
+            tried.append(p)
+            if p is not None and (p.fits or p.skipped):
+                hi = mid
+            else:
+                lo = mid
+        if all(p is None or p.skipped for p in tried):
+            break  # more regions only add stream ops: the larger subsets cannot do better
+    if best is not None:
+        best = next(p for p in probes if p.counts == best.counts)._replace(graph=best.graph)
+    return probes, best, None
+
+
+def _analyse(backend, gm, example_inputs, limit: float):
+    """(predicted peak or None, predicted time, fits exactly under ``limit``, the device profile or None)
+    of a streamed graph's step, from an analysis attempt that is then dropped."""
+    curve, backend.curve_points = backend.curve_points, 0  # a probe's report curve is never shown
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe's "over the budget" is not the final word
+            probe = compile_analysis(backend, gm, example_inputs, [])
+    except BudgetError:
+        return None, float("inf"), False, None
+    finally:
+        backend.curve_points = curve
+    if not probe.records:
+        return None, float("inf"), False, None
+    peak = max(r.analysis.memory.peak_bytes for r in probe.records)
+    fits = not probe.infeasible and all(r.fewbit is None for r in probe.records) and peak <= limit
+    return peak, _time(probe), fits, probe.records[0].analysis.profile
 
 
 def _plain_before(plain: Attempt, streamed: Attempt) -> None:
@@ -242,17 +444,25 @@ def _plain_before(plain: Attempt, streamed: Attempt) -> None:
         r.before_pair, r.before = p.before_pair or p.pair, p.before or p.analysis
 
 
-def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: int, only_fewbit: bool) -> Attempt:
-    """Of the two compiles, keep the streamed one if it fits exactly; else the lower peak (or the
-    fitting few-bit one); with ``strict``, refuse when neither fits."""
+def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: int, only_fewbit: bool,
+                          plain_fits: bool = False, probe_rows: list = ()) -> Attempt:
+    """Of the two compiles, keep the streamed one if it fits exactly; else the plain one if it does;
+    else the lower peak (or the fitting few-bit one); with ``strict``, refuse when neither fits."""
     margin = backend.plan_margin
     for r in streamed.records:  # what the report and the candidates table call the choice
         r.partition = f"stream + {r.partition}"
         for c in r.candidates:
             c["label"] = f"stream + {c['label']}"
+    for r in (streamed.records or plain.records)[:1]:
+        r.candidates.extend(probe_rows)
     _plain_before(plain, streamed)
     if _fits_exactly(streamed, budget, margin):
         return _keep(streamed)
+    if plain_fits:
+        for r in plain.records[:1]:
+            r.notes.append(Note(f"auto: the stream plan compiled over the budget ({format_bytes(streamed.peak)}); "
+                                "compiled without streaming", "auto", "choice"))
+        return _keep(plain)
     if only_fewbit:
         kept, other = plain, streamed
     else:
@@ -475,5 +685,6 @@ __all__ = [
     "stream",
     "stream_decisions",
     "stream_once",
+    "search_streams",
     "stream_or_not",
 ]

@@ -88,3 +88,64 @@ def step_budget(
             "split the model into pipeline stages (memfit.pipelining)"
         )
     return StepBudget(left, device_memory, tuple(resident))
+
+
+@dataclass(frozen=True)
+class StepFloor:
+    """What one training graph needs at the very least, whatever memfit plans: no plan's peak is lower.
+
+    * the parameters' gradients: all of them are alive when the backward ends (the step starts with
+      none: ``zero_grad(set_to_none=True)``, as the memory model and ``memfit.measure`` assume);
+    * the largest single op: its output and its inputs that are not the graph's (activations) exist at
+      once while it runs, in the forward of any plan.
+
+    It is known from the Dynamo graph alone, so a budget below it is refused before any planning (a
+    1-byte budget took 60 s of search to refuse on ``examples/gpt.py``, issue 21)."""
+
+    grads: int
+    op: int
+    op_name: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return max(self.grads, self.op)
+
+    def describe(self) -> str:
+        return (f"its parameters' gradients take {format_bytes(self.grads)} (all alive when the backward ends) and "
+                f"its largest single op, {self.op_name or 'an op'}, {format_bytes(self.op)} (output and activation inputs)")
+
+
+def step_floor(gm: torch.fx.GraphModule, example_inputs) -> StepFloor:
+    """The :class:`StepFloor` of a Dynamo graph from its example values (symbolic sizes count as 0)."""
+
+    def nbytes(v) -> int:
+        if not isinstance(v, torch.Tensor):
+            return 0
+        try:
+            return int(v.numel()) * v.element_size()
+        except Exception:  # noqa: BLE001 - a data-dependent or symbolic size: no lower bound from it
+            return 0
+
+    def real(v) -> bool:  # an allocation of its own, not a view of another tensor
+        return isinstance(v, torch.Tensor) and not v._is_view()
+
+    grads = sum(nbytes(x) for x in example_inputs if isinstance(x, torch.nn.Parameter) and x.requires_grad)
+    best, name = 0, ""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        outs = node.meta.get("example_value")
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        total = sum(nbytes(v) for v in outs if real(v))
+        if not total:
+            continue
+        seen = set()
+        for a in node.all_input_nodes:
+            v = a.meta.get("example_value")
+            if a.op != "placeholder" and real(v) and id(v) not in seen:
+                seen.add(id(v))
+                total += nbytes(v)
+        if total > best:
+            best, name = total, node.name
+    return StepFloor(grads, best, name)
+

@@ -59,6 +59,28 @@ FEWER_CHUNK_FRACTIONS = (0.5, 0.25, 0.125)
 STREAM_CHUNK_MULTIPLIERS = (1, 2, 4, 8)
 
 
+#: ``passes="auto"`` weighs stream plans only where the plan without streaming is predicted slower than
+#: the unchanged step by more than this factor: streaming itself costs time (the calibrated stream model:
+#: 1.5x its chunk graphs' roofline on CPU), so it can only win against recomputation.
+STREAM_SEARCH_FROM = 1.01
+
+
+#: A budget below a graph's :class:`~memfit.planner.budget.StepFloor` (its parameters' gradients, its
+#: largest single op) is refused before any planning. Read at call time: set it False to plan anyway,
+#: for the smallest peak memfit can reach (``BudgetError.smallest_peak`` of a refused 1-byte budget).
+REFUSE_BELOW_FLOOR = True
+
+
+def stream_subsets(n: int) -> list[int | None]:
+    """Which region subsets the auto search weighs among ``n`` regions: the 1, 2, 4, ... largest, then
+    every region (None). Geometric, so a 32-layer model's 33 regions cost 7 subsets, not 33."""
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return out + [None]
+
+
 def plan_margin(fused: bool) -> float:
     """The fraction of the budget a plan aims at: ``INDUCTOR_PLAN_MARGIN`` under Inductor (``fused``:
     what the planner's model of a compiled step can miss), 1 under the eager inner compiler (exact
@@ -161,11 +183,13 @@ __all__ = [
     "FEWER_CHUNK_FRACTIONS",
     "INDUCTOR_PLAN_MARGIN",
     "INDUCTOR_REPLANS",
+    "REFUSE_BELOW_FLOOR",
     "REPLAN_SLACK",
     "REPLAY_BEFORE_REFUSING",
     "SMALLEST_PLAN_EPS",
     "SMALLEST_PLAN_SCALE",
     "STREAM_CHUNK_MULTIPLIERS",
+    "STREAM_SEARCH_FROM",
     "Candidate",
     "choose",
     "fewbit_helps",
@@ -175,4 +199,5 @@ __all__ = [
     "planning_target",
     "refusal_margin",
     "smallest_peak",
+    "stream_subsets",
 ]

@@ -50,6 +50,14 @@ class DeviceProfile:
     MLP at a predicted 3% less time than checkpoint alone, which measured 728 ms against 477 ms. Missing: 1
     (the Triton kernels on a GPU are single-pass; not measured here)."""
 
+    stream_factor: tuple[float, float] = (1.0, 1.0)
+    """Measured over modelled time of a stream op's chunk graphs, relative to the same ratio for the
+    unstreamed step (whose roofline runs 1.36-1.46x under the measured CPU step): (compiled chunk graphs,
+    eager ones). See :data:`CPU_STREAM_FACTOR`. 1: no measurement (a GPU profile)."""
+    stream_node_s: float = 0.0
+    """Fixed cost per node of a chunk graph per chunk, beyond ``launch_s``: the stream runtime slices
+    the chunk's inputs, calls the chunk graph and writes its outputs in Python (see :data:`CPU_STREAM_NODE`)."""
+
     def peak_flops(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
 
@@ -202,6 +210,20 @@ def _calibrate_cpu() -> DeviceProfile:
     return _cpu_profile(fp32, bandwidth, launch, _fewbit_slowdown(bandwidth, launch))
 
 
+#: The CPU's stream-op time over its chunk graphs' roofline, relative to the unstreamed step's (see
+#: ``DeviceProfile.stream_factor``): Inductor-compiled chunk graphs, and eager ones (a region with an
+#: attention by query chunks against its prefix runs a graph per prefix length, uncompiled). Fitted on a
+#: 2-layer GPT (128 wide, 2048 vocabulary, 2 x 256 tokens, one thread), paired steps at 2, 4 and 8 chunks:
+#: measured/plain 1.41, 1.79 and (attention by query chunks, 4 chunks) 1.60, where the model without
+#: these factors predicted 0.86, 0.97 and 0.91 (a streamed step predicted faster than the unstreamed one;
+#: in-place weight-gradient GEMMs were also priced as nothing then). Checked by ``benchmarks/stream.py
+#: --time-model``.
+CPU_STREAM_FACTOR = (1.5, 1.8)
+#: The CPU's fixed cost per chunk-graph node per chunk beyond ``launch_s``, in ``launch_s`` (the same fit:
+#: 0.1-0.35; the runtime's slicing and writing of each chunk's inputs and outputs).
+CPU_STREAM_NODE = 0.25
+
+
 def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -> DeviceProfile:
     """The CPU profile from its measured rates (one constructor for a fresh and a cached calibration)."""
     return DeviceProfile(
@@ -211,6 +233,8 @@ def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -
         launch_s=launch,
         alloc_granularity=1,
         slowdown=slowdown,
+        stream_factor=CPU_STREAM_FACTOR,
+        stream_node_s=CPU_STREAM_NODE * launch,
     )
 
 
@@ -296,6 +320,8 @@ def node_flops(node: torch.fx.Node) -> int:
         return 0
     packet = getattr(node.target, "overloadpacket", None)
     fn = flop_registry.get(packet)
+    if fn is None and computes_in_place(node):
+        fn = flop_registry.get(getattr(torch.ops.aten, packet.__name__.rstrip("_"), None))
     if fn is not None:
         try:
             args = tree_map(_arg_val, node.args)
@@ -303,9 +329,22 @@ def node_flops(node: torch.fx.Node) -> int:
             return int(fn(*args, **kwargs, out_val=node.meta.get("val")))
         except Exception:
             pass
-    if is_view(node):
+    if is_view(node) and not computes_in_place(node):
         return 0
     return sum(_hint(v.numel()) for v in node_vals(node))
+
+
+def computes_in_place(node: torch.fx.Node) -> bool:
+    """An ATen op that computes into one of its inputs (``addmm_``, ``add_``): it aliases its input, so
+    the memory model treats it as a view, but it does the work of its out-of-place twin. The stream
+    runtime's chunk graphs accumulate weight gradients this way; priced as views, a streamed 2-layer
+    GPT's predicted step missed its weight-gradient GEMMs."""
+    if node.op != "call_function" or node.target is operator.getitem or getattr(node.target, "_memfit_in_place", False):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    packet = getattr(node.target, "overloadpacket", None)
+    return (schema is not None and packet is not None and packet.__name__.endswith("_")
+            and any(r.alias_info is not None and r.alias_info.is_write for r in schema.returns))
 
 
 def is_view(node: torch.fx.Node) -> bool:
@@ -327,7 +366,7 @@ def is_random(node: torch.fx.Node) -> bool:
 
 def node_bytes(node: torch.fx.Node) -> int:
     """Bytes a node moves: its tensor inputs read plus its outputs written (views move nothing)."""
-    if node.op != "call_function" or is_view(node):
+    if node.op != "call_function" or (is_view(node) and not computes_in_place(node)):
         return 0
     read = sum(tensor_bytes(a.meta.get("val")) for a in node.all_input_nodes)
     written = sum(tensor_bytes(v) for v in node_vals(node))
@@ -364,7 +403,7 @@ def node_time(node: torch.fx.Node, profile: DeviceProfile, op_models=None) -> fl
         model = resolve_op_models(op_models).get(node.target)
         if model is not None and model.time is not None:
             return model.time(node, profile)
-    if node.op != "call_function" or is_view(node):
+    if node.op != "call_function" or (is_view(node) and not computes_in_place(node)):
         return 0.0
     flops = node_flops(node)
     compute = flops / profile.peak_flops(_node_dtype(node))

@@ -302,8 +302,12 @@ def refusal(err, *, title: str = "", graphs: int = 0) -> dict:
         "title": title or "memfit plan",
         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
         "fits": False,
-        "verdict": f"does not fit: the smallest step peak memfit can reach is {format_bytes(err.smallest_peak)}, "
-                   f"over the budget of {format_bytes(err.budget)}",
+        "verdict": (f"does not fit: the step needs at least {format_bytes(err.smallest_peak)} whatever the plan, "
+                    f"over the budget of {format_bytes(err.budget)}; no plan was searched"
+                    if getattr(err, "at_least", False) else
+                    f"does not fit: the smallest step peak memfit can reach is {format_bytes(err.smallest_peak)}, "
+                    f"over the budget of {format_bytes(err.budget)}"),
+        "at_least": bool(getattr(err, "at_least", False)),
         "budget": err.budget,
         "smallest_peak": err.smallest_peak,
         "limits": list(getattr(err, "limits", ())),
