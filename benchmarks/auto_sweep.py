@@ -135,6 +135,9 @@ def run_model(key: str, fractions: list[float], chunks: list[int], rounds: int) 
             except Exception as e:  # noqa: BLE001 - a forced configuration the pass cannot carry out
                 row["configs"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
                 continue
+            if not be.records:  # Dynamo ran the step without memfit (a backend failure it suppressed)
+                row["configs"][name] = {"error": "no graph compiled by memfit"}
+                continue
             rec = be.records[-1]
             fits = m.peak_bytes <= 1.02 * budget
             row["configs"][name] = {

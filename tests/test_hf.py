@@ -243,6 +243,15 @@ def test_trainer_trains_under_the_budget(tmp_path):
     streamed = [d for d in rep["decisions"] if d["technique"] == "stream"]
     assert streamed and all(d["action"].startswith("stream in ") and d["bytes"] > 0 for d in streamed)
     assert "No pass changed the graphs" not in (tmp_path / "plan.md").read_text()
+    # what it was weighed against is listed: the plan without streaming and each stream plan probed, and
+    # the chosen plan lies on the curve drawn (the curve is the streamed graph's, on its own base time)
+    rows = rep["candidates"]
+    assert any(c.get("probe") for c in rows)
+    assert any("stream plan(s)" in n and "without streaming: none fits" in n for n in rep["notes"]), rep["notes"]
+    assert [c for c in rows if c["chosen"]] and all(not c["chosen"] for c in rows if c.get("probe"))
+    if rep["curve"]:
+        assert rep["curve_chosen"] in rep["curve"], (rep["curve_chosen"], rep["curve"])
+    assert rep["after"]["time_s"] > rep["before"]["time_s"]  # the streamed chunks' time is in the verdict
 
 
 def test_budget_error_names_the_returned_logits():

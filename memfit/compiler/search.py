@@ -18,6 +18,7 @@ a trace on the backend. The rules by which one attempt is kept over another are 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -250,12 +251,15 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
         why = f"no plan fits without streaming (smallest peak {format_bytes(plain.peak)})"
     notes = [Note(f"auto: {why}; weighing stream plans along the sequence", "auto", "retry")]
     profile = plain.records[0].analysis.profile if plain.records else None
-    probes, best, refused = search_streams(backend, gm, example_inputs, budget * margin, profile)
+    probes, best, refused, capped = search_streams(backend, gm, example_inputs, budget * margin, profile)
+    if capped:
+        notes.append(Note(f"auto: the stream search planned its most ({choice.STREAM_SEARCH_PROBES} configurations); "
+                          f"not weighed: {capped} and larger subsets", "auto", "retry"))
     if refused is not None:  # nothing to stream; the plain compile stands, with the reason
         for r in plain.records[:1]:
             r.notes.extend(notes + [refused])
         return _keep(plain)
-    rows = [_probe_row(p) for p in probes if p.peak]
+    rows = [_probe_row(p) for p in probes if p.peak and math.isfinite(p.time_s)]
     if best is None or (plain_fits and best.time_s >= _time(plain)):
         if best is not None:
             release_streamed(best.graph)
@@ -340,21 +344,26 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     A configuration whose stream ops alone are predicted slower than the best plan so far is not
     planned further (``profile``: the device profile of those predictions). Returns (probes, the
     fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
-    streamed)."""
-    n = region_count(backend, gm, example_inputs)
+    streamed, the first configuration left unplanned once ``choice.STREAM_SEARCH_PROBES`` were planned)."""
+    base = trace_once(gm, example_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real attempt says why, once
+        got = stream_once(backend, gm, example_inputs, [], 1, None, apply=False, base=base)
+    n = len(got.plan.regions) if got.plan is not None else 0
     if not n:
         got = stream_once(backend, gm, example_inputs, [], 1, None, warn=False)
         if got.graph is gm:
-            return [], None, got.notes[-1] if got.notes else Note("stream: nothing to stream", "stream", "nothing_to_do")
+            return [], None, got.notes[-1] if got.notes else Note("stream: nothing to stream", "stream", "nothing_to_do"), None
         release_streamed(got.graph)
         n = 1
     probes: list[StreamProbe] = []
     best: StreamProbe | None = None
     seen: dict = {}
+    capped: list = []  # configurations left unplanned: the search had planned its most
 
     def probe(largest, mult, attention) -> StreamProbe | None:
         nonlocal best, profile
-        got = stream_once(backend, gm, example_inputs, [], mult, largest, attention=attention, warn=False)
+        got = stream_once(backend, gm, example_inputs, [], mult, largest, attention=attention, warn=False, base=base)
         if got.graph is gm:
             return None
         counts = tuple((r.name, r.chunks, len(r.attentions)) for r in got.plan.regions)
@@ -371,6 +380,10 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             seen[counts] = StreamProbe(_label(got.plan, largest, n), largest, mult, attention, counts, None, floor,
                                        False, skipped=True)
             return seen[counts]
+        if sum(1 for q in probes if q.peak is not None or not q.skipped) >= choice.STREAM_SEARCH_PROBES:
+            release_streamed(got.graph)
+            capped.append(_label(got.plan, largest, n))
+            return None
         peak, t, fits, analysed = _analyse(backend, got.graph, example_inputs, limit)
         profile = profile or analysed
         label = _label(got.plan, largest, n)
@@ -392,15 +405,25 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     configs = [(k, False) for k in choice.stream_subsets(n)] + [(None, True)]
     mults = sorted(set(choice.FEWER_CHUNK_FRACTIONS) | set(choice.STREAM_CHUNK_MULTIPLIERS))
     for largest, attention in configs:
-        # the fewest chunks that fit, by bisection over the multipliers: the peak falls as chunks are added,
-        # the time rises (a probe skipped for its stream ops' time counts as "fewer chunks, please")
-        top = probe(largest, mults[-1], attention)
+        # the distinct chunk counts the multipliers give (planned, not carried out: cheap), fewest first
+        options: list = []
+        for m in mults:
+            plan = stream_once(backend, gm, example_inputs, [], m, largest, apply=False, attention=attention,
+                               warn=False, base=base).plan
+            counts = plan and tuple((r.name, r.chunks, len(r.attentions)) for r in plan.regions)
+            if counts and (not options or options[-1][1] != counts):
+                options.append((m, counts))
+        if not options:
+            continue
+        # the fewest chunks that fit, by bisection: the peak falls as chunks are added, the time rises (a
+        # probe skipped for its stream ops' time counts as "fewer chunks, please")
+        top = probe(largest, options[-1][0], attention)
         if top is None or not (top.fits or top.skipped):
-            continue  # nothing to stream this way, or it does not fit even at its most chunks
-        tried, lo, hi = [top], -1, len(mults) - 1
+            continue  # it does not fit even at its most chunks
+        tried, lo, hi = [top], -1, len(options) - 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            p = probe(largest, mults[mid], attention)
+            p = probe(largest, options[mid][0], attention)
             tried.append(p)
             if p is not None and (p.fits or p.skipped):
                 hi = mid
@@ -408,9 +431,14 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
                 lo = mid
         if all(p is None or p.skipped for p in tried):
             break  # more regions only add stream ops: the larger subsets cannot do better
+        if capped:
+            break
     if best is not None:
         best = next(p for p in probes if p.counts == best.counts)._replace(graph=best.graph)
-    return probes, best, None
+    if capped and backend.progress:
+        backend.progress(f"stream search: stopped after {choice.STREAM_SEARCH_PROBES} plans (choice.STREAM_SEARCH_PROBES); "
+                         f"not weighed: {capped[0]} and larger")
+    return probes, best, None, (capped[0] if capped else None)
 
 
 def _analyse(backend, gm, example_inputs, limit: float):
@@ -421,8 +449,8 @@ def _analyse(backend, gm, example_inputs, limit: float):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a probe's "over the budget" is not the final word
             probe = compile_analysis(backend, gm, example_inputs, [])
-    except BudgetError:
-        return None, float("inf"), False, None
+    except BudgetError as e:  # strict: no plan fits; its smallest peak still ranks the configurations
+        return (e.smallest_peak or None), float("inf"), False, None
     finally:
         backend.curve_points = curve
     if not probe.records:
@@ -454,6 +482,10 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
         for c in r.candidates:
             c["label"] = f"stream + {c['label']}"
     for r in (streamed.records or plain.records)[:1]:
+        if streamed.records:
+            # what it was weighed against: the plan without streaming (none chosen)
+            r.candidates.extend(dict(c, label=f"without streaming: {c['label']}", chosen=False, curve=[])
+                                for p in plain.records[:1] for c in p.candidates)
         r.candidates.extend(probe_rows)
     _plain_before(plain, streamed)
     if _fits_exactly(streamed, budget, margin):
@@ -607,11 +639,43 @@ def region_count(backend, gm, example_inputs) -> int:
     return len(got.plan.regions) if got.plan is not None else 0
 
 
+class Traced(NamedTuple):
+    """``gm`` traced to ATen once, for a search's many stream plans (:func:`stream_once` plans and carries
+    out each on a copy: the trace took 0.46 s of each of examples/gpt.py's probes)."""
+
+    graph: torch.fx.GraphModule
+
+
+def trace_once(gm, example_inputs) -> Traced | None:
+    """The ATen trace :func:`stream_once` would make, for ``base=`` (None: the graph cannot be streamed;
+    ``stream_once`` without a base says why)."""
+    from memfit.passes import stream as sp
+
+    if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True) or \
+            data_dependent(gm, key="example_value"):
+        return None
+    try:
+        return Traced(sp.to_aten(gm, example_inputs))
+    except Exception:  # noqa: BLE001 - stream_once traces again and reports the failure as it always has
+        return None
+
+
+def _copy(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy the stream pass may rewrite: its own graph and nodes (each node's ``meta`` a copy of the
+    original's; the example values themselves are shared, and never written)."""
+    import copy
+
+    g = torch.fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    g.meta = {}
+    return g
+
+
 def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: int | None = None,
-                apply: bool = True, attention: bool = False, warn: bool = True) -> _Streamed:
+                apply: bool = True, attention: bool = False, warn: bool = True, base: Traced | None = None) -> _Streamed:
     """Plan the stream pass for ``gm`` (the ``largest`` regions, chunk counts times ``multiplier``,
-    attentions by query chunks or not) and carry the plan out on an ATen copy of ``gm``. A refusal is a
-    note, and a warning when ``warn`` (the user named the pass)."""
+    attentions by query chunks or not) and carry the plan out on an ATen copy of ``gm`` (a copy of
+    ``base``, its trace, where given). A refusal is a note, and a warning when ``warn`` (the user named
+    the pass)."""
     from memfit.passes import stream as sp
     from memfit.planner.stream import plan_stream
 
@@ -627,8 +691,8 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
             raise CantApply(
                 f"data-dependent sizes ({', '.join(dd[:3])}): the stream pass cuts a graph of known sizes into "
                 "chunks, and these sizes are known only when the step runs", "dynamic_shapes")
-        traced = sp.to_aten(gm, example_inputs)
-        need = sp.needs_grad(traced, example_inputs)
+        traced = sp.to_aten(gm, example_inputs) if base is None else _copy(base.graph) if apply else base.graph
+        need = sp.needs_grad(traced, example_inputs)  # of this copy's nodes (a linear pass)
         plan, info = plan_stream(traced, example_inputs, backend.options, need, multiplier, largest, attention)
         if not plan.regions:
             raise CantApply("no token-wise region with a matmul or a softmax; " + "; ".join(plan.notes), "nothing_to_do")

@@ -111,12 +111,18 @@ class StepFloor:
         return max(self.grads, self.op)
 
     def describe(self) -> str:
-        return (f"its parameters' gradients take {format_bytes(self.grads)} (all alive when the backward ends) and "
-                f"its largest single op, {self.op_name or 'an op'}, {format_bytes(self.op)} (output and activation inputs)")
+        grads = f"its parameters' gradients take {format_bytes(self.grads)} (all alive when the backward ends)"
+        if not self.op_name:
+            return grads
+        return f"{grads} and its largest single op, {self.op_name}, {format_bytes(self.op)} (output and activation inputs)"
 
 
-def step_floor(gm: torch.fx.GraphModule, example_inputs) -> StepFloor:
-    """The :class:`StepFloor` of a Dynamo graph from its example values (symbolic sizes count as 0)."""
+def step_floor(gm: torch.fx.GraphModule, example_inputs, ops: bool = True) -> StepFloor:
+    """The :class:`StepFloor` of a Dynamo graph from its example values (symbolic sizes count as 0).
+
+    ``ops=False``: where the stream pass may run, an op's size bounds nothing (a streamed LM head's logits
+    never exist whole: an HF Llama's 8 MiB op, refused at 7 MiB, fits streamed in 6.7 MiB); only the
+    gradients count."""
 
     def nbytes(v) -> int:
         if not isinstance(v, torch.Tensor):
@@ -131,7 +137,7 @@ def step_floor(gm: torch.fx.GraphModule, example_inputs) -> StepFloor:
 
     grads = sum(nbytes(x) for x in example_inputs if isinstance(x, torch.nn.Parameter) and x.requires_grad)
     best, name = 0, ""
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if ops else ():
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         outs = node.meta.get("example_value")

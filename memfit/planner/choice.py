@@ -60,15 +60,22 @@ STREAM_CHUNK_MULTIPLIERS = (1, 2, 4, 8)
 
 
 #: ``passes="auto"`` weighs stream plans only where the plan without streaming is predicted slower than
-#: the unchanged step by more than this factor: streaming itself costs time (the calibrated stream model:
-#: 1.5x its chunk graphs' roofline on CPU), so it can only win against recomputation.
-STREAM_SEARCH_FROM = 1.01
+#: the unchanged step by more than this factor: streaming itself costs time (on CPU 1.35x its chunk
+#: graphs' roofline and a cost per node and chunk; the LM head alone, the cheapest region to stream, is
+#: 20-40% of a small GPT's step), so it can only win against more recomputation than that.
+STREAM_SEARCH_FROM = 1.03
 
 
 #: A budget below a graph's :class:`~memfit.planner.budget.StepFloor` (its parameters' gradients, its
 #: largest single op) is refused before any planning. Read at call time: set it False to plan anyway,
 #: for the smallest peak memfit can reach (``BudgetError.smallest_peak`` of a refused 1-byte budget).
 REFUSE_BELOW_FLOOR = True
+
+
+#: The most stream configurations the auto search plans (each a fake-tensor analysis with a checkpoint
+#: plan: 2-7 s on examples/gpt.py); a count, not a time, so that the same graph gets the same plan on
+#: any load. The search weighs the smallest subsets first (the LM head alone, then 2 regions, ...).
+STREAM_SEARCH_PROBES = 10
 
 
 def stream_subsets(n: int) -> list[int | None]:
@@ -190,6 +197,7 @@ __all__ = [
     "SMALLEST_PLAN_SCALE",
     "STREAM_CHUNK_MULTIPLIERS",
     "STREAM_SEARCH_FROM",
+    "STREAM_SEARCH_PROBES",
     "Candidate",
     "choose",
     "fewbit_helps",
