@@ -72,17 +72,15 @@ import torch.fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-#: Flags (consumer + producer) a layer may have; 2**FLAGS frontiers per distinct layer are computed.
+#: Flags (consumer + producer) a layer may have; 2**MAX_FLAGS frontiers per distinct layer are computed.
 MAX_FLAGS = 6
 #: Points of one flag setting's frontier at most; a layer with more is not split (see :meth:`Layers._pareto`).
 FRONTIER_POINTS = 32
-#: Branch-and-bound nodes for each frontier solve (each layer's program is small: 96 values for a
-#: GPT block, solved at the root node in every case seen; the limit is a guard that keeps a solve's
-#: result independent of the machine's load).
+#: Branch-and-bound nodes for each frontier solve (each layer's program is small: 96 variables for a
+#: GPT block; the limit, not a time, keeps a solve's result independent of the machine's load).
 FRONTIER_NODES = 10_000
 #: Seconds after which a frontier solve stops (a guard, as ``SAFETY_S`` for the whole program's).
 FRONTIER_SAFETY_S = 60.0
-STEP_OPTIONS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -410,7 +408,7 @@ class Layers:
         cons = [LinearConstraint(A, lb, ub)]
         if limit is not None:
             cons.append(LinearConstraint(size_row[None, :], -np.inf, limit))
-        options = {"time_limit": seconds, "disp": False, **STEP_OPTIONS}
+        options = {"time_limit": seconds, "disp": False}
         if nodes is not None:
             options["node_limit"] = nodes
         res = milp(c, constraints=cons, integrality=np.ones(nv), bounds=Bounds(lo, hi), options=options)
