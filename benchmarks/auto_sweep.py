@@ -140,9 +140,11 @@ def run_model(key: str, fractions: list[float], chunks: list[int], rounds: int) 
                 continue
             rec = be.records[-1]
             fits = m.peak_bytes <= 1.02 * budget
+            verdict = next((str(n) for n in rec.notes if "stream plan(s)" in str(n)), "")
             row["configs"][name] = {
                 "peak": m.peak_bytes, "fits": fits, "predicted_s": sum(r.analysis.time_s for r in be.records),
                 "chose": next((c["label"] for c in rec.candidates if c.get("chosen")), rec.partition),
+                "verdict": verdict,
             }
             if fits:
                 steps[name] = step
@@ -161,6 +163,8 @@ def run_model(key: str, fractions: list[float], chunks: list[int], rounds: int) 
         else:
             ratio = a["paired_s"] / timed[best]["paired_s"] if best else float("nan")
             row["auto_over_best"] = ratio
+            if a.get("verdict"):
+                print(f"{'':>22}   ({a['verdict'][:200]})")
             print(f"{bud:>22} | auto {a['chose'][:40]:<40} {format_bytes(a['peak']):>10} {1e3 * a['paired_s']:7.1f} ms | "
                   f"best {best or '-':<18} {1e3 * timed[best]['paired_s'] if best else float('nan'):7.1f} ms | "
                   f"auto/best {ratio:.3f} | {len(timed) - 1} fitting of {len(row['configs']) - 1}", flush=True)

@@ -29,9 +29,10 @@ class Technique:
     """The pass that carries out its plan."""
     exact: bool
     """Gradients equal eager's within fp32 rounding (False: approximate, used only when allowed)."""
-    auto: Literal["yes", "approximate", "last_resort", "no"]
+    auto: Literal["yes", "approximate", "searched", "no"]
     """Taken by ``passes="auto"``: ``"yes"``; ``"approximate"``: only with ``allow_approximation=True``;
-    ``"last_resort"``: by auto's stream-or-not search only where no exact plan fits without it;
+    ``"searched"``: by auto's stream search, weighed against the plan without it by predicted time wherever
+    that plan recomputes or does not fit;
     ``"no"``: only when named (or by the pipeline-stage adapter)."""
     stage: Literal["dynamo", "joint", "backward"]
     summary: str
@@ -48,7 +49,7 @@ TECHNIQUES: dict[str, Technique] = {
                   "few-bit codes of activation inputs instead of the inputs"),
         Technique("split_backward", "memfit.passes.split_backward", True, "no", "backward",
                   "backward as B (input gradients) and a queued W (weight gradients)"),
-        Technique("stream", "memfit.passes.stream", True, "last_resort", "dynamo",
+        Technique("stream", "memfit.passes.stream", True, "searched", "dynamo",
                   "token-wise regions run in chunks along the sequence"),
     )
 }
@@ -61,8 +62,8 @@ APPROXIMATE = frozenset(name for name, t in TECHNIQUES.items() if not t.exact)
 
 #: Exact passes that ``passes="auto"`` does not run as a candidate of its own: ``split_backward``
 #: changes *when* weight gradients arrive (only when named, or in a pipeline stage); ``stream`` is
-#: auto's last resort, run by its stream-or-not search.
-OPT_IN = frozenset(name for name, t in TECHNIQUES.items() if t.auto in ("no", "last_resort"))
+#: weighed by auto's stream search (``memfit.compiler.search.stream_or_not``).
+OPT_IN = frozenset(name for name, t in TECHNIQUES.items() if t.auto in ("no", "searched"))
 
 
 def enabled(passes: tuple[str, ...] | str, allow_approximation: bool = False) -> tuple[str, ...]:
@@ -78,7 +79,7 @@ def enabled(passes: tuple[str, ...] | str, allow_approximation: bool = False) ->
 
 def auto_streams(passes: tuple[str, ...] | str) -> bool:
     """Whether auto's stream-or-not search may stream (a budget is needed too: see the backend)."""
-    return passes == "auto" and any(t.auto == "last_resort" for t in TECHNIQUES.values())
+    return passes == "auto" and any(t.auto == "searched" for t in TECHNIQUES.values())
 
 
 def stage_passes(passes: tuple[str, ...] | str) -> list[str]:

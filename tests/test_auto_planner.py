@@ -207,7 +207,7 @@ def test_auto_streams_only_where_no_exact_plan_fits_without_it():
 
 
 def test_auto_does_not_warn_about_a_stream_pass_nobody_named():
-    """``passes="auto"`` considers streaming only as a last resort; on a model with nothing to stream the
+    """``passes="auto"`` weighs streaming where the plan without it recomputes; on a model with nothing to stream the
     refusal is a note in the record (and the report), not a warning for a pass the user never named."""
     import warnings
 

@@ -314,12 +314,12 @@ def test_repeated_layers_are_planned_once_legal_and_near_optimal(monkeypatch):
         assert len({split.layers[i].signature for i in split.classes[0]}) == 1
         solves.append(split.frontier_solves)
         assert split.step_variables < 0.25 * 2 * prob.n if n_layer == 8 else split.step_variables < 2 * prob.n
-        lo, hi = prob.solve(None, minimise_bytes=True), prob.solve(None)
+        lo, hi = prob.solve(None, minimise_bytes=True, by_layer=True), prob.solve(None, by_layer=True)
         limits = [lo.saved_bytes + (hi.saved_bytes - lo.saved_bytes) * f for f in (0.05, 0.3, 0.5, 0.7, 0.9)]
         n = prob.n
         name = {c.name: i for i, c in enumerate(prob.cands)}
         for b in [None] + limits:
-            p = prob.solve(b)
+            p = prob.solve(b, by_layer=True)
             assert len(p.layer_points) == n_layer  # solved by layer, not the whole program
             # legal: the assembled plan satisfies every row and bound of the whole program, and the limit
             x = np.zeros(2 * n)
@@ -354,8 +354,8 @@ def test_layers_of_another_structure_stay_in_the_whole_program(monkeypatch):
     assert split.reason is None
     grouped = {split.layers[i].key.rsplit(".", 1)[-1] for c in split.classes for i in c}
     assert "1" not in grouped and len(grouped) >= 2, grouped
-    lo, hi = prob.solve(None, minimise_bytes=True), prob.solve(None)
-    p = prob.solve((lo.saved_bytes + hi.saved_bytes) / 2)
+    lo, hi = prob.solve(None, minimise_bytes=True, by_layer=True), prob.solve(None, by_layer=True)
+    p = prob.solve((lo.saved_bytes + hi.saved_bytes) / 2, by_layer=True)
     assert p.layer_points and p.saved_bytes <= (lo.saved_bytes + hi.saved_bytes) / 2
     name = {c.name: i for i, c in enumerate(prob.cands)}
     x = np.zeros(2 * prob.n)
@@ -367,4 +367,4 @@ def test_layers_of_another_structure_stay_in_the_whole_program(monkeypatch):
         monkeypatch, lambda: gpt.factory(batch=2, seq=32, n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=32)
     )
     assert "no two of the graph" in one.layers.reason and "have the same structure" in one.layers.reason
-    assert one.solve(None).layer_points == ()
+    assert one.solve(None, by_layer=True).layer_points == ()

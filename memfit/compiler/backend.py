@@ -258,7 +258,7 @@ class MemfitBackend:
 
     @property
     def auto_streams(self) -> bool:
-        """``passes="auto"`` with a budget: the stream pass is the exact technique of last resort."""
+        """``passes="auto"`` with a budget: stream plans are weighed against the plan without them."""
         return auto_streams(self.options.passes) and self.step_budget().budget is not None
 
     @property
