@@ -55,8 +55,11 @@ class DeviceProfile:
     unstreamed step (whose roofline runs 1.36-1.46x under the measured CPU step): (compiled chunk graphs,
     eager ones). See :data:`CPU_STREAM_FACTOR`. 1: no measurement (a GPU profile)."""
     stream_node_s: float = 0.0
-    """Fixed cost per node of a chunk graph per chunk, beyond ``launch_s``: the stream runtime slices
-    the chunk's inputs, calls the chunk graph and writes its outputs in Python (see :data:`CPU_STREAM_NODE`)."""
+    """Fixed cost per node of an eager chunk graph per chunk, beyond ``launch_s`` (see :data:`CPU_STREAM_NODE`)."""
+    stream_chunk_s: float = 0.0
+    """Fixed cost per chunk of an Inductor-compiled chunk graph, per input and per kernel that is not a
+    fused pointwise op: the runtime slices each input, and each kernel is called (see
+    :data:`CPU_STREAM_CHUNK_UNIT`)."""
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -214,15 +217,17 @@ def _calibrate_cpu() -> DeviceProfile:
 #: ``DeviceProfile.stream_factor``): Inductor-compiled chunk graphs, and eager ones (a region with an
 #: attention by query chunks against its prefix runs a graph per prefix length, uncompiled). Fitted on a
 #: 2-layer GPT and an HF Llama (128 wide, 2048 vocabulary, 2 x 256 tokens, one thread), paired steps at
-#: 2-8 chunks: every region streamed measured 1.20-1.79x the unstreamed step (the spread is this shared
-#: machine's), with attentions by query chunks 1.60-1.74x; without these factors the model predicted
-#: 0.86-0.97x (a streamed step faster than the unstreamed one; in-place weight-gradient GEMMs were also
-#: priced as nothing then). Checked by ``benchmarks/auto_sweep.py`` (its stream time model table).
+#: 2-16 chunks (``benchmarks/auto_sweep.py``, its stream time model table); without these factors the
+#: model predicted a streamed step 0.86-0.97x the unstreamed one where it measured 1.2-1.8x (in-place
+#: weight-gradient GEMMs were also priced as nothing then).
 CPU_STREAM_FACTOR = (1.35, 1.8)
-#: The CPU's fixed cost per chunk-graph node per chunk beyond ``launch_s``, in ``launch_s`` (the same fit:
-#: 0.2-2, from 2 to 16 chunks; the runtime's slicing and writing of each chunk's inputs and outputs; the LM
-#: head alone in 16 chunks measured 1.58x the unstreamed step, predicted 1.27x at 0.25).
+#: The CPU's fixed cost per node of an eager chunk graph per chunk beyond ``launch_s``, in ``launch_s``.
 CPU_STREAM_NODE = 0.6
+#: The CPU's fixed cost per chunk of a compiled chunk graph, per input and per non-pointwise kernel, in
+#: ``launch_s``: each extra chunk measured 1.57 ms on the GPT (160 such units a chunk) and 1.77 ms on the
+#: Llama (170), 2.3 x the 4.4 us ``launch_s`` a unit. Counted per node instead (all nodes, 0.6 launch_s
+#: each), the Llama's streamed steps were predicted 1.2-1.5x what they measured.
+CPU_STREAM_CHUNK_UNIT = 2.3
 
 
 def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -> DeviceProfile:
@@ -236,6 +241,7 @@ def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -
         slowdown=slowdown,
         stream_factor=CPU_STREAM_FACTOR,
         stream_node_s=CPU_STREAM_NODE * launch,
+        stream_chunk_s=CPU_STREAM_CHUNK_UNIT * launch,
     )
 
 
