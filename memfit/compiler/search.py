@@ -476,7 +476,6 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
                           plain_fits: bool = False, probe_rows: list = ()) -> Attempt:
     """Of the two compiles, keep the streamed one if it fits exactly; else the plain one if it does;
     else the lower peak (or the fitting few-bit one); with ``strict``, refuse when neither fits."""
-    margin = backend.plan_margin
     for r in streamed.records:  # what the report and the candidates table call the choice
         r.partition = f"stream + {r.partition}"
         for c in r.candidates:
@@ -488,7 +487,9 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
                                 for p in plain.records[:1] for c in p.candidates)
         r.candidates.extend(probe_rows)
     _plain_before(plain, streamed)
-    if _fits_exactly(streamed, budget, margin):
+    # a compiled step's peak is its replayed buffer plan, stream ops' chunk scratch included: held to the
+    # budget itself, as the plain compile is (the margin is for planning on the FX-level model)
+    if _fits_exactly(streamed, budget):
         return _keep(streamed)
     if plain_fits:
         for r in plain.records[:1]:
@@ -504,7 +505,7 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
             # compiled (and over the budget) states its replayed peak, which needs none
             s_margin = streamed.error.margin if streamed.error is not None else 1.0
             if streamed.peak / s_margin < plain.peak:
-                why = " (the margin: Inductor's buffer plans do not show a stream op's chunks)" if s_margin < 1 else ""
+                why = " (planned with the margin for what the FX-level model misses under Inductor)" if s_margin < 1 else ""
                 raise BudgetError(streamed.peak, budget, s_margin, hints=[
                     f"the smallest peak is with the stream pass{why}", *backend.hints(streamed.peak, s_margin)])
             raise BudgetError(plain.peak, budget, hints=[
@@ -516,8 +517,8 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
             f"peak was {format_bytes(other.peak)}",
             "auto", "choice",
         ))
-        if kept is streamed and not kept.infeasible and kept.peak > budget * margin:  # strict=False: say so
-            err = BudgetError(kept.peak, budget, margin, hints=backend.hints(kept.peak, margin))
+        if kept is streamed and not kept.infeasible and kept.peak > budget:  # strict=False: say so
+            err = BudgetError(kept.peak, budget, hints=backend.hints(kept.peak))
             r.notes.append(Note(f"does not fit: {str(err).splitlines()[0]}", None, "kept_smallest"))
             kept.infeasible.append(str(err))
     return _keep(kept)

@@ -16,8 +16,8 @@ from typing import Any
 #: 57.12 and 61.12), and whatever the margin misses is caught by replaying the compiled buffer plan
 #: and re-planning (``memfit.compiler.search.compile_inductor``). At 0.9 (before the replay existed) a
 #: 4-layer GPT's exact plans were ruled out at 64.22 MiB and ``auto`` fell back to few-bit, 1.34x slower.
-#: A streamed graph keeps the margin too: Inductor's buffer plan shows a stream op as one kernel, and its
-#: chunks' scratch is the planner's model, which was 3.6-8% under the measured peak (HF GPT-2, a GPT).
+#: A streamed graph is planned with the margin too; once compiled, its replayed plan (which adds each stream
+#: op's chunk scratch at the op) is held to the budget itself, as any compiled graph's is.
 INDUCTOR_PLAN_MARGIN = 0.95
 
 #: How many times a graph whose compiled buffer plan replays over the budget is planned again (for a

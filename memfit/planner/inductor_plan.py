@@ -151,7 +151,7 @@ def _extern_scratch(node) -> int:
         # the kernel's own op only: a fused extern kernel's origins include the pointwise ops around it
         # (a batch norm backward Inductor computes in its own kernels has no scratch there)
         ours = target == kernel if kernel is not None else name.endswith("." + getattr(target, "__name__", "?").split(".")[0])
-        if ours and model is not None and model.scratch is not None and not model.inside_plans:
+        if ours and model is not None and model.scratch is not None:
             try:
                 best = max(best, int(model.scratch(origin, strides=_input_strides(node))))
             except Exception:  # noqa: BLE001 - no values on the node: nothing to add

@@ -198,11 +198,6 @@ class _Sim:
             return None
         return model.scratch
 
-    def replaces_plan(self, node: torch.fx.Node) -> bool:
-        """Whether the node's op allocates inside itself where Inductor's plan cannot see (see ``OpModel``)."""
-        model = self.op_models.get(node.target) if node.op == "call_function" else None
-        return model is not None and model.scratch is not None and model.inside_plans
-
     def new(self, graph: str, node: torch.fx.Node, nbytes: int, kind: str) -> Buffer:
         module, source = source_of(node)
         b = Buffer(len(self.buffers), graph, node.name, nbytes, kind, self.step, module=module, source=source)
@@ -293,10 +288,9 @@ def _walk_step(sim: _Sim, pairs: list[GraphPair], buffer_plans: dict) -> _Walk:
     handed back (:func:`_handed_tangents`)."""
 
     def collect(gm, graph, placeholder_bufs, new_kind, free_tangents=False):
-        # a graph with an op that allocates inside itself is estimated node by node even when
-        # Inductor's plan exists: the plan sees only the op's outputs, not its scratch
+        # the replayed plan holds every kernel's scratch where an op model knows it (stream ops too)
         plan = buffer_plans.get(graph)
-        if plan is not None and not any(sim.replaces_plan(n) for n in gm.graph.nodes):
+        if plan is not None:
             return _collect_planned(sim, gm, graph, plan, placeholder_bufs, new_kind, free_tangents)
         return _collect(sim, gm, graph, placeholder_bufs, new_kind, free_tangents)
 
