@@ -44,14 +44,15 @@ def compile_eager(backend, gm, example_inputs, notes) -> Attempt:
     return attempt
 
 
-def compile_analysis(backend, gm, example_inputs, notes) -> Attempt:
+def compile_analysis(backend, gm, example_inputs, notes, *, probe: bool = False) -> Attempt:
     """Trace and partition as the backend would, then run the graphs eagerly (for fake tensors).
 
     With ``inner="inductor"`` the joint graph gets Inductor's decompositions, its joint-graph passes and
     the min-cut partition, so the analysis sees the graphs Inductor would be handed. (Without the
     joint-graph passes a GPT's cross-entropy backward keeps a [tokens, vocab] ``scatter`` that Inductor
-    rewrites away: 65 MiB predicted against 39 MiB measured.)"""
-    attempt = Attempt(backend, notes)
+    rewrites away: 65 MiB predicted against 39 MiB measured.) ``probe``: a stream search's probe
+    (:attr:`Attempt.probe`)."""
+    attempt = Attempt(backend, notes, probe=probe)
     if backend.options.inner == "eager":
         attempt.compile_eager(gm, example_inputs)
     else:
@@ -275,10 +276,18 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
                           attention=lowest.attention, warn=False)
         got.graph.meta["memfit_stream_notes"] = list(got.notes)
         best = lowest._replace(graph=got.graph)
-    notes.append(Note(_verdict(probes, best, plain, plain_fits), "auto", "choice"))
     streamed_gm = best.graph
     streamed = _held(compile_one, backend, streamed_gm, example_inputs,
                      notes + list(streamed_gm.meta.get("memfit_stream_notes", ())))
+    if streamed.error is None and streamed.records:
+        # the chosen configuration as compiled (the probe planned it without share_norms): its figures
+        # are the ones the verdict and its row state, so they agree with the record's own
+        peak, t = max(r.analysis.memory.peak_bytes for r in streamed.records), _time(streamed)
+        rows = [dict(r, peak=peak, time_s=t) if r["label"] == _probe_row(best)["label"] else r for r in rows]
+        best = best._replace(peak=peak, time_s=t)
+    verdict = Note(_verdict(probes, best, plain, plain_fits), "auto", "choice")
+    for r in streamed.records[:1]:
+        r.notes.insert(min(len(notes), len(r.notes)), verdict)
     stream_decisions(streamed, streamed_gm)
     kept = None
     try:
@@ -346,10 +355,7 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
     streamed, the first configuration left unplanned once ``choice.STREAM_SEARCH_PROBES`` were planned)."""
     base = trace_once(gm, example_inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the real attempt says why, once
-        got = stream_once(backend, gm, example_inputs, [], 1, None, apply=False, base=base)
-    n = len(got.plan.regions) if got.plan is not None else 0
+    n = region_count(backend, gm, example_inputs, base)
     if not n:
         got = stream_once(backend, gm, example_inputs, [], 1, None, warn=False)
         if got.graph is gm:
@@ -441,18 +447,27 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     return probes, best, None, (capped[0] if capped else None)
 
 
+def _probe(backend, gm, example_inputs) -> tuple[Attempt | None, BudgetError | None]:
+    """(analysis attempt, None) or (None, its refusal) of an already streamed graph's step, for a search
+    that then drops it: its warnings muted (a probe's "over the budget" is not the final word), no report
+    curve (never shown), no share-norms rewrite (:attr:`Attempt.probe`)."""
+    curve, backend.curve_points = backend.curve_points, 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compile_analysis(backend, gm, example_inputs, [], probe=True), None
+    except BudgetError as e:
+        return None, e
+    finally:
+        backend.curve_points = curve
+
+
 def _analyse(backend, gm, example_inputs, limit: float):
     """(predicted peak or None, predicted time, fits exactly under ``limit``, the device profile or None)
     of a streamed graph's step, from an analysis attempt that is then dropped."""
-    curve, backend.curve_points = backend.curve_points, 0  # a probe's report curve is never shown
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a probe's "over the budget" is not the final word
-            probe = compile_analysis(backend, gm, example_inputs, [])
-    except BudgetError as e:  # strict: no plan fits; its smallest peak still ranks the configurations
-        return (e.smallest_peak or None), float("inf"), False, None
-    finally:
-        backend.curve_points = curve
+    probe, refused = _probe(backend, gm, example_inputs)
+    if refused is not None:  # strict: no plan fits; its smallest peak still ranks the configurations
+        return (refused.smallest_peak or None), float("inf"), False, None
     if not probe.records:
         return None, float("inf"), False, None
     peak = max(r.analysis.memory.peak_bytes for r in probe.records)
@@ -623,20 +638,17 @@ def fewer_chunks(backend, gm, example_inputs, got: _Streamed, largest, attention
 def predicted_peak(backend, gm, example_inputs) -> int | None:
     """The predicted peak of ``gm``'s step (None: no plan fits), from an analysis attempt that is then
     dropped (``gm`` is already streamed: the probe does not stream again)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a probe's "over the budget" is not the final word
-            probe = compile_analysis(backend, gm, example_inputs, [])
-    except BudgetError:
+    probe, refused = _probe(backend, gm, example_inputs)
+    if refused is not None or not probe.records:
         return None
-    return probe.records[-1].analysis.memory.peak_bytes if probe.records else None
+    return probe.records[-1].analysis.memory.peak_bytes
 
 
-def region_count(backend, gm, example_inputs) -> int:
+def region_count(backend, gm, example_inputs, base: Traced | None = None) -> int:
     """How many regions the stream planner finds in ``gm`` at its default counts (0: none)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real attempt says why, once
-        got = stream_once(backend, gm, example_inputs, [], 1, None, apply=False)
+        got = stream_once(backend, gm, example_inputs, [], 1, None, apply=False, base=base)
     return len(got.plan.regions) if got.plan is not None else 0
 
 
@@ -652,10 +664,8 @@ def trace_once(gm, example_inputs) -> Traced | None:
     ``stream_once`` without a base says why)."""
     from memfit.passes import stream as sp
 
-    if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True) or \
-            data_dependent(gm, key="example_value"):
-        return None
     try:
+        _check_streamable(gm, example_inputs)
         return Traced(sp.to_aten(gm, example_inputs))
     except Exception:  # noqa: BLE001 - stream_once traces again and reports the failure as it always has
         return None
@@ -671,6 +681,21 @@ def _copy(traced: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return g
 
 
+def _check_streamable(gm, example_inputs) -> None:
+    """Raise ``CantApply`` where ``gm``'s sizes are not known before the step runs: the stream pass cuts a
+    graph of known sizes into chunks."""
+    if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True):
+        raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)",
+                        "dynamic_shapes")
+    dd = data_dependent(gm, key="example_value")
+    if dd:
+        # tracing such a graph to ATen raised DynamicOutputShapeException, which Dynamo took for a graph
+        # break: the step ran eagerly, outside any plan, without a word
+        raise CantApply(
+            f"data-dependent sizes ({', '.join(dd[:3])}): the stream pass cuts a graph of known sizes into "
+            "chunks, and these sizes are known only when the step runs", "dynamic_shapes")
+
+
 def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: int | None = None,
                 apply: bool = True, attention: bool = False, warn: bool = True, base: Traced | None = None) -> _Streamed:
     """Plan the stream pass for ``gm`` (the ``largest`` regions, chunk counts times ``multiplier``,
@@ -682,16 +707,7 @@ def stream_once(backend, gm, example_inputs, notes, multiplier: float, largest: 
 
     notes = list(notes)
     try:
-        if symbolic_inputs(example_inputs) or has_symbolic_sizes(gm, key="example_value", placeholders_only=True):
-            raise CantApply("dynamic shapes: streaming needs a static sequence length (compile with dynamic=False)",
-                            "dynamic_shapes")
-        dd = data_dependent(gm, key="example_value")
-        if dd:
-            # tracing such a graph to ATen raised DynamicOutputShapeException, which Dynamo took for a graph
-            # break: the step ran eagerly, outside any plan, without a word
-            raise CantApply(
-                f"data-dependent sizes ({', '.join(dd[:3])}): the stream pass cuts a graph of known sizes into "
-                "chunks, and these sizes are known only when the step runs", "dynamic_shapes")
+        _check_streamable(gm, example_inputs)
         traced = sp.to_aten(gm, example_inputs) if base is None else _copy(base.graph) if apply else base.graph
         need = sp.needs_grad(traced, example_inputs)  # of this copy's nodes (a linear pass)
         plan, info = plan_stream(traced, example_inputs, backend.options, need, multiplier, largest, attention)

@@ -19,8 +19,8 @@ every free, the graph's inputs freed by ``del`` and what it returns. The memory 
 the step from these plans instead of its own guess (``memory.simulate(..., buffer_plans=...)``), and the
 backend re-plans a graph whose compiled plan is over the budget. Memory an extern kernel allocates and
 frees inside itself is added where the op models know it (``memfit.planner.scratch``: CPU convolutions,
-half-precision matmuls); other fallback kernels' scratch is not seen (the CPU attention backward's
-0.12 MiB here).
+half-precision matmuls; ``memfit.kernels.stream``: a stream op's chunk graphs); other fallback kernels'
+scratch is not seen (the CPU attention backward's 0.12 MiB here).
 
 This reads Inductor internals of torch 2.13 (pinned); if they change, :func:`capture` records nothing
 and the memory model falls back to its own estimate, saying so in the notes.
