@@ -283,7 +283,8 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
         # the chosen configuration as compiled (the probe planned it without share_norms): its figures
         # are the ones the verdict and its row state, so they agree with the record's own
         peak, t = max(r.analysis.memory.peak_bytes for r in streamed.records), _time(streamed)
-        rows = [dict(r, peak=peak, time_s=t) if r["label"] == _probe_row(best)["label"] else r for r in rows]
+        label = _probe_row(best)["label"]
+        rows = [dict(r, peak=peak, time_s=t) if r["label"] == label else r for r in rows]
         best = best._replace(peak=peak, time_s=t)
     verdict = Note(_verdict(probes, best, plain, plain_fits), "auto", "choice")
     for r in streamed.records[:1]:
@@ -562,8 +563,8 @@ def stream(backend, gm, example_inputs, notes: Sequence[str] = (), *, warn: bool
     (``notes`` plus the pass's) for the graph's record.
 
     With a budget and no fixed ``stream_chunks``, more is streamed while the predicted peak of the whole
-    step is over the budget (less the planning margin: under Inductor a stream op's chunk scratch is
-    modelled, not replayed from its buffer plan): the n largest regions, then every region, then
+    step is over the budget (less the planning margin: under Inductor the FX-level model can miss what
+    Inductor's buffer plan then shows): the n largest regions, then every region, then
     attentions by query chunks with the chunk counts times ``choice.STREAM_CHUNK_MULTIPLIERS``; each try
     is traced and partitioned as the backend would (:func:`predicted_peak`), without compiling. A try
     that fits at the default counts is then widened (:func:`fewer_chunks`)."""

@@ -206,8 +206,9 @@ class Region:
 
     def time(self, profile, backward: bool) -> float:
         """Time of the op: its chunk graphs' roofline, once per chunk, scaled by the profile's measured
-        ``stream_factor`` (compiled or eager chunk graphs), plus ``stream_node_s`` per node per chunk
-        (the runtime's Python around each chunk; see ``memfit.planner.cost.CPU_STREAM_FACTOR``)."""
+        ``stream_factor`` (compiled or eager chunk graphs), plus the runtime's fixed cost per chunk:
+        ``stream_chunk_s`` per input and non-pointwise kernel of a compiled chunk graph, ``stream_node_s``
+        per node of an eager one (see ``memfit.planner.cost.CPU_STREAM_FACTOR``)."""
         from memfit.planner.cost import is_view, node_time
 
         key = (profile, backward)
