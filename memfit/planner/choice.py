@@ -60,7 +60,7 @@ STREAM_CHUNK_MULTIPLIERS = (1, 2, 4, 8)
 
 
 #: ``passes="auto"`` weighs stream plans only where the plan without streaming is predicted slower than
-#: the unchanged step by more than this factor: streaming itself costs time (on CPU 1.35x its chunk
+#: the unchanged step by more than this factor: streaming itself costs time (on CPU 1.8x its chunk
 #: graphs' roofline and a cost per node and chunk; the LM head alone, the cheapest region to stream, is
 #: 20-40% of a small GPT's step), so it can only win against more recomputation than that.
 STREAM_SEARCH_FROM = 1.03

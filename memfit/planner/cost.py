@@ -6,8 +6,9 @@ On an H100 that is ~0.3 ms of HBM traffic, comparable to a 4k x 4k x 4k fp32 mat
 67 TFLOP/s). Here a node costs ``max(flops / peak_flops, bytes / bandwidth) + launch`` where bytes are
 what the node reads and writes (views move nothing).
 
-FLOPs come from ``torch.utils.flop_counter``'s registry (matmuls, convolutions, attention); every
-other op counts one FLOP per output element, which only matters for the compute side of the max.
+FLOPs come from ``torch.utils.flop_counter``'s registry (matmuls, convolutions, attention) and
+:data:`_ATTENTION_FLOPS` (the CPU's flash attention, which that registry lacks); every other op counts one
+FLOP per output element, which only matters for the compute side of the max.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class DeviceProfile:
     (the Triton kernels on a GPU are single-pass; not measured here)."""
 
     stream_factor: tuple[float, float] = (1.0, 1.0)
-    """Measured over modelled time of a stream op's chunk graphs, relative to the same ratio for the
-    unstreamed step (whose roofline runs 1.36-1.46x under the measured CPU step): (compiled chunk graphs,
-    eager ones). See :data:`CPU_STREAM_FACTOR`. 1: no measurement (a GPU profile)."""
+    """Measured over modelled time of a stream op's chunk graphs: (compiled chunk graphs, eager ones). Their
+    many small kernels run further from the roofline than the unstreamed step's (on CPU 1.8x against
+    about 1.2x). See :data:`CPU_STREAM_FACTOR`. 1: no measurement (a GPU profile)."""
     stream_node_s: float = 0.0
     """Fixed cost per node of an eager chunk graph per chunk, beyond ``launch_s`` (see :data:`CPU_STREAM_NODE`)."""
     stream_chunk_s: float = 0.0
@@ -213,21 +214,22 @@ def _calibrate_cpu() -> DeviceProfile:
     return _cpu_profile(fp32, bandwidth, launch, _fewbit_slowdown(bandwidth, launch))
 
 
-#: The CPU's stream-op time over its chunk graphs' roofline, relative to the unstreamed step's (see
-#: ``DeviceProfile.stream_factor``): Inductor-compiled chunk graphs, and eager ones (a region with an
-#: attention by query chunks against its prefix runs a graph per prefix length, uncompiled). Fitted on a
-#: 2-layer GPT and an HF Llama (128 wide, 2048 vocabulary, 2 x 256 tokens, one thread), paired steps at
-#: 2-16 chunks (``benchmarks/auto_sweep.py``, its stream time model table); without these factors the
-#: model predicted a streamed step 0.86-0.97x the unstreamed one where it measured 1.2-1.8x (in-place
-#: weight-gradient GEMMs were also priced as nothing then).
-CPU_STREAM_FACTOR = (1.35, 1.8)
+#: The CPU's stream-op time over its chunk graphs' roofline (see ``DeviceProfile.stream_factor``):
+#: Inductor-compiled chunk graphs, and eager ones (a region with an attention by query chunks against its
+#: prefix runs a graph per prefix length, uncompiled). Fitted with :data:`CPU_STREAM_NODE` and
+#: :data:`CPU_STREAM_CHUNK_UNIT` on a 2-layer GPT and an HF Llama (128 wide, 2048 vocabulary, 2 x 256
+#: tokens, one thread), every region streamed in 2, 4 and 16 chunks with attentions by query chunks or not,
+#: each paired with the unstreamed step (12 configurations, 2026-12-03): predicted over measured ratio to the
+#: unstreamed step within -10%..+8% (the 2026-12-02 constants, fitted while the CPU's flash attention was
+#: priced as nothing, were -24%..+14% off).
+CPU_STREAM_FACTOR = (1.8, 1.45)
 #: The CPU's fixed cost per node of an eager chunk graph per chunk beyond ``launch_s``, in ``launch_s``.
-CPU_STREAM_NODE = 0.6
+CPU_STREAM_NODE = 1.5
 #: The CPU's fixed cost per chunk of a compiled chunk graph, per input and per non-pointwise kernel, in
-#: ``launch_s``: each extra chunk measured 1.57 ms on the GPT (160 such units a chunk) and 1.77 ms on the
-#: Llama (170), 2.3 x the 4.4 us ``launch_s`` a unit. Counted per node instead (all nodes, 0.6 launch_s
-#: each), the Llama's streamed steps were predicted 1.2-1.5x what they measured.
-CPU_STREAM_CHUNK_UNIT = 2.3
+#: ``launch_s``: each extra chunk of every region measured about 1.6 ms on the GPT (160 such units a
+#: chunk) and 1.8 ms on the Llama (170). Counted per node instead (all nodes), the Llama's streamed steps
+#: were predicted 1.2-1.5x what they measured.
+CPU_STREAM_CHUNK_UNIT = 2.8
 
 
 def _cpu_profile(fp32: float, bandwidth: float, launch: float, slowdown: dict) -> DeviceProfile:
@@ -321,10 +323,45 @@ def _arg_val(a):
     return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
 
 
+def _attention_flops(q, k, v) -> int:
+    """Forward FLOPs of one attention: ``q @ k^T`` and ``p @ v``, every key of every query (the CPU's flash
+    kernel measured the same time with ``is_causal`` as without: 1.00 against 1.05 ms on [2, 4, 256, 32]).
+    Grouped-query attention reads fewer key/value heads, not fewer products: the query's heads count."""
+    b, h, sq, d = (_hint(x) for x in q.shape)
+    sk, dv = _hint(k.shape[-2]), _hint(v.shape[-1])
+    return 2 * b * h * sq * sk * (d + dv)
+
+
+def _cpu_flash_forward(q, k, v, *args, **kwargs) -> int:
+    return _attention_flops(q, k, v)
+
+
+def _cpu_flash_backward(grad_out, q, k, v, *args, **kwargs) -> int:
+    # four products (dV, dP, dQ, dK), twice the forward's: measured 1.9-2.3x the forward's time
+    return 2 * _attention_flops(q, k, v)
+
+
+#: FLOP formulas of attention ops that ``torch.utils.flop_counter`` lacks. The CPU's flash attention (what
+#: ``scaled_dot_product_attention`` runs on CPU and what a graph traced on CPU fake tensors holds, whatever
+#: the device profile) counted one FLOP per output element: a 2-layer GPT's two attentions, 7 of its 27 ms
+#: step measured, were priced at 0.02 ms, and streamed steps (whose chunk graphs leave the attentions out)
+#: were predicted 0.3x the unstreamed step too fast.
+_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_backward,
+}
+
+
 def node_flops(node: torch.fx.Node) -> int:
-    """FLOPs of one aten node from ``torch.utils.flop_counter``'s formulas; 1 per output element else."""
+    """FLOPs of one aten node from ``torch.utils.flop_counter``'s formulas (and :data:`_ATTENTION_FLOPS`);
+    1 per output element else."""
     if node.op != "call_function":
         return 0
+    extra = _ATTENTION_FLOPS.get(node.target)
+    if extra is not None:
+        vals = [_arg_val(a) for a in node.args]
+        if all(isinstance(v, torch.Tensor) for v in vals[: 4 if extra is _cpu_flash_backward else 3]):
+            return int(extra(*vals))
     packet = getattr(node.target, "overloadpacket", None)
     fn = flop_registry.get(packet)
     if fn is None and computes_in_place(node):
