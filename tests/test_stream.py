@@ -96,6 +96,37 @@ def test_gpt_matches_unstreamed_and_runs_each_region_in_chunks(inner):
     assert [sorted(k for k, _ in r.compiled) for r in regions] == [["bwd", "fwd"] if inner == "inductor" else [], [], []]
 
 
+def test_repeated_layers_are_priced_from_one_twin_and_traced_before_they_run():
+    """Inside ``twin_pricing`` (the auto search's probes) a region of a structure already prepared takes its
+    scratch and time without tracing its own chunk graphs; such a region refuses to run until
+    ``ensure_prepared``, after which the step is exact and the figures are its own, equal to the twin's."""
+    from memfit.kernels import stream as ks
+
+    model, idx, tgt = _gpt(n_layer=4)
+    ref = _grads(model, lambda: model(idx, tgt))
+    be = memfit.backend(passes=["stream"], inner="eager", stream_chunks=4, stream_attention=False)
+    compiled = torch.compile(model, backend=be)
+    with ks.twin_pricing():
+        with pytest.raises(RuntimeError, match="priced from a twin"):
+            compiled(idx, tgt)
+    regions = _regions(be)
+    # structure: embedding..layer-0 QKV, three layer-to-layer regions of one structure, the LM head and loss
+    assert len(regions) == 5
+    twins = [r for r in regions if r.twin is not None]
+    assert len(twins) == 2 and all(r.twin is regions[1] for r in twins)
+    assert all(not r.fwd and not r.bwd for r in twins)  # nothing traced for them
+    assert len({r.signature() for r in regions}) == 3
+    profile = be.records[0].analysis.profile
+    priced = [(r.scratch_fwd, r.scratch_bwd, r.time(profile, False), r.time(profile, True)) for r in twins]
+    for r in regions:
+        r.ensure_prepared()
+    assert all(r.twin is None and r.fwd and r.bwd for r in twins)
+    # effect: the twin's figures are the ones its own chunk graphs give
+    own = [(r.scratch_fwd, r.scratch_bwd, r.time(profile, False), r.time(profile, True)) for r in twins]
+    assert own == pytest.approx(priced, rel=1e-12)
+    _assert_close(_grads(model, lambda: compiled(idx, tgt)), ref)
+
+
 def test_uneven_last_chunk_and_merged_batch_rows():
     """60 tokens in 8 chunks (the last has 4); batch 3 makes the LM head see [B*T, d] rows (outer=3)."""
     model, idx, tgt = _gpt(batch=3, seq=60, block_size=60)

@@ -252,7 +252,12 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
         why = f"no plan fits without streaming (smallest peak {format_bytes(plain.peak)})"
     notes = [Note(f"auto: {why}; weighing stream plans along the sequence", "auto", "retry")]
     profile = plain.records[0].analysis.profile if plain.records else None
-    probes, best, refused, capped = search_streams(backend, gm, example_inputs, budget * margin, profile)
+    from memfit.kernels.stream import twin_pricing
+
+    with twin_pricing():  # probes are priced and dropped: repeated layers traced once (see twin_pricing)
+        probes, best, refused, capped = search_streams(backend, gm, example_inputs, budget * margin, profile)
+    if best is not None:
+        prepare_streamed(best.graph)
     if capped:
         notes.append(Note(f"auto: the stream search planned its most ({choice.STREAM_SEARCH_PROBES} configurations); "
                           f"not weighed: {capped} and larger subsets", "auto", "retry"))
@@ -345,16 +350,17 @@ def _stream_time(gm, profile) -> float:
 def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     """Weigh stream configurations of ``gm`` against ``limit`` (the budget less the planning margin).
 
-    Region subsets: the 1, 2, 4, ... largest regions and every region (``choice.stream_subsets``), and
-    every region with attentions by query chunks. Each is tried at its most chunks (the planner's default
-    counts times the largest of ``choice.STREAM_CHUNK_MULTIPLIERS``), from the smallest subset that fits
-    that way (found by bisection over the subsets where the smallest does not fit); where it fits, the fewest chunks
-    that still fit are found by bisection over the multipliers (fewer, wider chunks run faster). Every
-    probe is a fake-tensor analysis of the streamed step with the checkpoint plan it needs, and a
-    candidate: the least predicted time among those that fit wins, whatever its chunk count.
-    A configuration whose stream ops alone are predicted slower than the best plan so far is not
-    planned further (``profile``: the device profile of those predictions). Returns (probes, the
-    fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
+    Region subsets: the 1, 2, 4, ... largest regions and every region (``choice.stream_subsets``), and,
+    only where nothing fits without, every region with attentions by query chunks. Each is tried at its
+    most chunks (the planner's default counts times the largest of ``choice.STREAM_CHUNK_MULTIPLIERS``),
+    from the smallest subset that fits that way (found by bisection over the subsets where the smallest
+    does not fit); where it fits, the fewest chunks that still fit are found by bisection over the
+    multipliers (fewer, wider chunks run faster). Every probe is a fake-tensor analysis of the streamed
+    step with the checkpoint plan it needs, and a candidate: the least predicted time among those that
+    fit wins, whatever its chunk count. A configuration whose stream ops alone, or (once the same regions
+    were planned in another chunk count) whose step unplanned, are predicted slower than the best plan so
+    far is not planned further (``profile``: the device profile of those predictions). Returns (probes,
+    the fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
     streamed, the first configuration left unplanned once ``choice.STREAM_SEARCH_PROBES`` were planned)."""
     base = trace_once(gm, example_inputs)
     n = region_count(backend, gm, example_inputs, base)
@@ -370,6 +376,7 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     capped: list = []  # configurations left unplanned: the search had planned its most
 
     asked: dict = {}  # (largest, multiplier, attention) -> its probe: the subset bisection asks again
+    outside: dict = {}  # (largest, attention) -> predicted time of the step outside its stream ops, unplanned
 
     def probe(largest, mult, attention) -> StreamProbe | None:
         if (largest, mult, attention) not in asked:
@@ -385,12 +392,19 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
         if counts in seen:  # another multiplier gave these counts already
             release_streamed(got.graph)
             return seen[counts]
-        floor = _stream_time(got.graph, profile) if profile is not None else 0.0
+        ops = _stream_time(got.graph, profile) if profile is not None else 0.0
+        # a lower bound of the step's time: its stream ops, plus (once one chunk count of these regions was
+        # planned) the rest of the step unplanned, which the chunk count does not change. On examples/gpt.py
+        # at 60 MiB the 2 largest regions in 4 and 8 chunks were planned (3 s each) to be found slower than
+        # the LM head alone, which the bound tells at once.
+        rest = outside.get((largest, attention))
+        floor = ops + (rest if rest is not None else 0.0)
         if best is not None and floor >= best.time_s:
-            # the stream ops alone take longer than the best plan so far: no need to plan the rest
+            # no plan of these stream ops can beat the best so far: no need to plan the rest
             release_streamed(got.graph)
             if backend.progress:
-                backend.progress(f"stream search: {_label(got.plan, largest, n)}: skipped, its stream ops alone are "
+                what = "its stream ops alone are" if rest is None else "unplanned, its step is"
+                backend.progress(f"stream search: {_label(got.plan, largest, n)}: skipped, {what} "
                                  f"predicted at {1e3 * floor:.2f} ms, the best so far {1e3 * best.time_s:.2f} ms")
             seen[counts] = StreamProbe(_label(got.plan, largest, n), largest, mult, attention, counts, None, floor,
                                        False, skipped=True)
@@ -399,8 +413,10 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             release_streamed(got.graph)
             capped.append(_label(got.plan, largest, n))
             return None
-        peak, t, fits, analysed = _analyse(backend, got.graph, example_inputs, limit)
+        peak, t, fits, analysed, unplanned = _analyse(backend, got.graph, example_inputs, limit)
         profile = profile or analysed
+        if unplanned is not None and profile is not None and (largest, attention) not in outside:
+            outside[largest, attention] = max(0.0, unplanned - _stream_time(got.graph, profile))
         label = _label(got.plan, largest, n)
         p = StreamProbe(label, largest, mult, attention, counts, peak, t, fits, got.graph)
         got.graph.meta["memfit_stream_notes"] = [n for n in got.notes]
@@ -459,6 +475,11 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             first = len(subsets)  # not even every region fits: only attentions by query chunks can help
     configs = [(k, False) for k in subsets[first:]] + [(None, True)]
     for largest, attention in configs:
+        if attention and best is not None:
+            # attentions by query chunks cost more than the whole causal kernel (stream.md): weighed only where
+            # nothing fits without them (each of the Llama-3-8B config's three such configurations took 13 s
+            # to trace and price before being skipped for time)
+            break
         options = chunk_options(largest, attention)
         if not options:
             continue
@@ -504,16 +525,20 @@ def _probe(backend, gm, example_inputs) -> tuple[Attempt | None, BudgetError | N
 
 
 def _analyse(backend, gm, example_inputs, limit: float):
-    """(predicted peak or None, predicted time, fits exactly under ``limit``, the device profile or None)
-    of a streamed graph's step, from an analysis attempt that is then dropped."""
+    """(predicted peak or None, predicted time, fits exactly under ``limit``, the device profile or None,
+    the step's predicted time unplanned or None) of a streamed graph's step, from an analysis attempt that
+    is then dropped. The unplanned time (the baseline partition's, no recomputation) bounds from below
+    what the same regions streamed in other chunk counts can take (see :func:`search_streams`)."""
     probe, refused = _probe(backend, gm, example_inputs)
     if refused is not None:  # strict: no plan fits; its smallest peak still ranks the configurations
-        return (refused.smallest_peak or None), float("inf"), False, None
+        unplanned = refused.baseline[1].time_s if getattr(refused, "baseline", None) is not None else None
+        return (refused.smallest_peak or None), float("inf"), False, None, unplanned
     if not probe.records:
-        return None, float("inf"), False, None
+        return None, float("inf"), False, None, None
     peak = max(r.analysis.memory.peak_bytes for r in probe.records)
-    fits = not probe.infeasible and all(r.fewbit is None for r in probe.records) and peak <= limit
-    return peak, _time(probe), fits, probe.records[0].analysis.profile
+    exact = all(r.fewbit is None for r in probe.records)
+    fits = not probe.infeasible and exact and peak <= limit
+    return peak, _time(probe), fits, probe.records[0].analysis.profile, _unchanged_time(probe) if exact else None
 
 
 def _plain_before(plain: Attempt, streamed: Attempt) -> None:
@@ -581,6 +606,17 @@ def _keep_streamed_or_not(backend, plain: Attempt, streamed: Attempt, budget: in
 
 
 # -- the stream pass and its chunk search ---------------------------------------------------------
+def prepare_streamed(gm) -> None:
+    """Trace the chunk graphs of a streamed graph's regions that a search priced from a twin: the graph
+    is to be compiled and run."""
+    from memfit.kernels.stream import REGISTRY
+
+    for key in gm.meta.get("memfit_stream_keys", ()):
+        r = REGISTRY.get(key)
+        if r is not None:
+            r.ensure_prepared()
+
+
 def release_streamed(*graphs) -> None:
     """Forget the stream regions of graphs a search dropped: no compiled code will run them (the kept
     graph's regions stay registered; see ``memfit.kernels.stream``)."""

@@ -32,6 +32,7 @@ counts over the budget, a streamed compile not kept; ``memfit.compiler.search.re
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import math
 import operator
@@ -65,6 +66,27 @@ def release(keys) -> None:
     abandoned compile attempt's ``gm.meta["memfit_stream_keys"]``): running such a key raises ``KeyError``."""
     for key in keys:
         REGISTRY.pop(key, None)
+
+
+#: Structure -> the first region fully prepared with it, while a stream search prices its probes
+#: (:func:`twin_pricing`); None otherwise.
+_TWINS: dict | None = None
+
+
+@contextlib.contextmanager
+def twin_pricing():
+    """Inside, a region whose structure a prepared region already has (a transformer's repeated layers) is
+    priced from it, its own chunk graphs not traced: its scratch and time are the twin's. For a stream
+    search's probes, which are priced and dropped: the Llama-3-8B config's every-region probes traced 33
+    regions' chunk graphs each, 32 of them one layer's. A region so priced cannot run: the compile that
+    keeps it calls :meth:`Region.ensure_prepared` (``memfit.compiler.search.prepare_streamed``) first."""
+    global _TWINS
+    outer = _TWINS
+    _TWINS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _TWINS = outer
 
 
 # -- one region at run time ----------------------------------------------------------------------------
@@ -114,6 +136,9 @@ class Region:
     """Chunk graphs run so far (forward and backward): the structure tests count them."""
     _times: dict = field(default_factory=dict, repr=False)
     """(profile, backward) -> :meth:`time`."""
+    twin: "Region | None" = field(default=None, repr=False)
+    """The prepared region of the same structure this one is priced from (:func:`twin_pricing`): its chunk
+    graphs are not traced until :meth:`ensure_prepared`."""
 
     # chunk ranges
     def ranges(self):
@@ -189,7 +214,53 @@ class Region:
 
     def prepare(self) -> None:
         """Trace the chunk graphs now, at compile time: the op's body runs below autograd, where
-        ``autograd.grad`` cannot be traced. Their simulated peaks are the op's scratch memory."""
+        ``autograd.grad`` cannot be traced. Their simulated peaks are the op's scratch memory. Inside
+        :func:`twin_pricing`, a region of a structure already prepared takes that one's figures instead."""
+        if _TWINS is not None:
+            sig = self.signature()
+            twin = _TWINS.get(sig)
+            if twin is not None:
+                self.twin = twin
+                self.scratch_fwd, self.scratch_bwd = twin.scratch_fwd, twin.scratch_bwd
+                return
+            self._trace_all()
+            _TWINS[sig] = self
+            return
+        self._trace_all()
+
+    def ensure_prepared(self) -> None:
+        """Trace this region's own chunk graphs if it was priced from a twin (before it may run)."""
+        if self.twin is not None:
+            self.twin = None
+            self._trace_all()
+
+    def signature(self) -> tuple:
+        """The region's structure, without its node names: two regions with equal signatures trace to the
+        same chunk graphs (up to names), so they have the same scratch and time."""
+        nodes = list(self.body.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        by_name = {n.name: i for i, n in enumerate(nodes)}
+
+        def norm(a):
+            return torch.fx.node.map_aggregate(a, lambda x: ("%", index[x]) if isinstance(x, torch.fx.Node) else x)
+
+        def val(v):
+            if isinstance(v, torch.Tensor):
+                return (tuple(v.shape), v.dtype, tuple(v.stride()), v.device.type)
+            if isinstance(v, (list, tuple)):
+                return tuple(val(x) for x in v)
+            return repr(v)
+
+        body = tuple((n.op, "" if n.op == "placeholder" else str(n.target), repr(norm(n.args)), repr(norm(n.kwargs)), repr(n.meta.get("memfit_tok")),
+                      repr(n.meta.get("memfit_attn")), repr(n.meta.get("memfit_reduce")), val(n.meta.get("val")))
+                     for n in nodes)
+        return (self.seq, self.plan.chunks, self.plan.fused, self.plan.grad_in_forward, repr(self.input_layouts),
+                self.needs, tuple(self._xs_meta), repr(self.out_meta), repr(self.outputs), repr(self.tok_outputs),
+                tuple(by_name.get(t, t) for t in self._tok_names), tuple(self._tok_diff[t] for t in self._tok_names),
+                tuple((by_name.get(a.node, a.node), a.kind, a.count, a.dtype, self._acc_diff[a.node]) for a in self.accs),
+                body)
+
+    def _trace_all(self) -> None:
         from memfit.planner.memory import GraphPair, simulate
 
         def peak(g):
@@ -211,6 +282,8 @@ class Region:
         per node of an eager one (see ``memfit.planner.cost.CPU_STREAM_FACTOR``)."""
         from memfit.planner.cost import is_view, node_time
 
+        if self.twin is not None:
+            return self.twin.time(profile, backward)
         key = (profile, backward)
         if key not in self._times:  # the planner asks once per probe of its search; the graphs do not change
             table = self.bwd if backward else (self.fwdbwd if self.plan.grad_in_forward else self.fwd)
@@ -327,7 +400,13 @@ class Region:
                 pos += acc.width
         return out
 
+    def _check_prepared(self) -> None:
+        if self.twin is not None:
+            raise RuntimeError(f"memfit stream region {self.plan.name} was priced from a twin and never prepared: "
+                               "call Region.ensure_prepared() at compile time (a memfit bug; please report it)")
+
     def run_forward(self, xs):
+        self._check_prepared()
         given, xs = xs, self.conform(xs)  # gradients take the given inputs' strides (the fake kernel's)
         device = xs[0].device
         grad_mode = self.plan.grad_in_forward
@@ -384,6 +463,7 @@ class Region:
         return sum(a.width for a in self.accs[:j])
 
     def run_backward(self, xs, small, grads):
+        self._check_prepared()
         given, xs = xs, self.conform(xs)  # gradients take the given inputs' strides (the fake kernel's)
         gfull = [torch.zeros_like(x) for x, need in zip(given, self.needs) if need]
         # the incoming gradient of each reduction's partial sum
