@@ -251,13 +251,15 @@ class Region:
                 return tuple(val(x) for x in v)
             return repr(v)
 
-        body = tuple((n.op, "" if n.op == "placeholder" else str(n.target), repr(norm(n.args)), repr(norm(n.kwargs)), repr(n.meta.get("memfit_tok")),
-                      repr(n.meta.get("memfit_attn")), repr(n.meta.get("memfit_reduce")), val(n.meta.get("val")))
+        body = tuple((n.op, "" if n.op == "placeholder" else str(n.target), repr(norm(n.args)), repr(norm(n.kwargs)),
+                      *(repr(n.meta.get(k)) for k in ("memfit_tok", "memfit_attn", "memfit_reduce")),
+                      val(n.meta.get("val")))
                      for n in nodes)
         return (self.seq, self.plan.chunks, self.plan.fused, self.plan.grad_in_forward, repr(self.input_layouts),
                 self.needs, tuple(self._xs_meta), repr(self.out_meta), repr(self.outputs), repr(self.tok_outputs),
                 tuple(by_name.get(t, t) for t in self._tok_names), tuple(self._tok_diff[t] for t in self._tok_names),
-                tuple((by_name.get(a.node, a.node), a.kind, a.count, a.dtype, self._acc_diff[a.node]) for a in self.accs),
+                tuple((by_name.get(a.node, a.node), a.kind, a.count, a.dtype, self._acc_diff[a.node])
+                      for a in self.accs),
                 body)
 
     def _trace_all(self) -> None:

@@ -102,10 +102,12 @@ def _scratch(node: torch.fx.Node, strides: list | None = None) -> int:
         return _operand_bytes(node) if fallback is None else fallback
 
     def one(v):
-        return ("t", tuple(v.shape), tuple(v.stride()), v.dtype) if isinstance(v, (torch.Tensor, _Layout)) else ("a", _hashable(v))
+        if isinstance(v, (torch.Tensor, _Layout)):
+            return ("t", tuple(v.shape), tuple(v.stride()), v.dtype)
+        return ("a", _hashable(v))
 
     key = tuple(one(v) for v in vals)
-    if kwargs:
+    if node.target in _ATTENTION:  # its keyword arguments, and the threads whose buffers it allocates
         key += (("kw", tuple((k, one(v)) for k, v in sorted(kwargs.items())), torch.get_num_threads()),)
     try:
         return _measured(node.target, key)
