@@ -341,14 +341,14 @@ def _cpu_flash_backward(grad_out, q, k, v, *args, **kwargs) -> int:
     return 2 * _attention_flops(q, k, v)
 
 
-#: FLOP formulas of attention ops that ``torch.utils.flop_counter`` lacks. The CPU's flash attention (what
-#: ``scaled_dot_product_attention`` runs on CPU and what a graph traced on CPU fake tensors holds, whatever
-#: the device profile) counted one FLOP per output element: a 2-layer GPT's two attentions, 7 of its 27 ms
-#: step measured, were priced at 0.02 ms, and streamed steps (whose chunk graphs leave the attentions out)
-#: were predicted 0.3x the unstreamed step too fast.
+#: FLOP formulas of attention ops that ``torch.utils.flop_counter`` lacks (by overload packet, called as its
+#: registry's are). The CPU's flash attention (what ``scaled_dot_product_attention`` runs on CPU and what a
+#: graph traced on CPU fake tensors holds, whatever the device profile) counted one FLOP per output element:
+#: a 2-layer GPT's two attentions, 7 of its 27 ms step measured, were priced at 0.02 ms, and streamed steps
+#: (whose chunk graphs leave the attentions out) were predicted 0.3x of the unstreamed step too fast.
 _ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_forward,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_backward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
 }
 
 
@@ -357,13 +357,8 @@ def node_flops(node: torch.fx.Node) -> int:
     1 per output element else."""
     if node.op != "call_function":
         return 0
-    extra = _ATTENTION_FLOPS.get(node.target)
-    if extra is not None:
-        vals = [_arg_val(a) for a in node.args]
-        if all(isinstance(v, torch.Tensor) for v in vals[: 4 if extra is _cpu_flash_backward else 3]):
-            return int(extra(*vals))
     packet = getattr(node.target, "overloadpacket", None)
-    fn = flop_registry.get(packet)
+    fn = _ATTENTION_FLOPS.get(packet) or flop_registry.get(packet)
     if fn is None and computes_in_place(node):
         fn = flop_registry.get(getattr(torch.ops.aten, packet.__name__.rstrip("_"), None))
     if fn is not None:

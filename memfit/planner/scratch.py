@@ -107,10 +107,11 @@ def _scratch(node: torch.fx.Node, strides: list | None = None) -> int:
         return ("a", _hashable(v))
 
     key = tuple(one(v) for v in vals)
-    if node.target in _ATTENTION:  # its keyword arguments, and the threads whose buffers it allocates
-        key += (("kw", tuple((k, one(v)) for k, v in sorted(kwargs.items())), torch.get_num_threads()),)
+    kw = tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+    # the attention's buffers are per thread: the thread count keys its measurement
+    threads = torch.get_num_threads() if node.target in _ATTENTION else None
     try:
-        return _measured(node.target, key)
+        return _measured(node.target, key, kw, threads)
     except Exception:  # noqa: BLE001 - a profiler already running, an odd argument: count the operands
         return _operand_bytes(node) if fallback is None else fallback
 
@@ -146,7 +147,8 @@ def _hashable(v):
 
 
 @functools.lru_cache(maxsize=1024)
-def _measured(op, key) -> int:
+def _measured(op, key, kw=(), threads=None) -> int:
+    """``threads``: part of the cache key only (the op runs with the process's thread count)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     from memfit.measurement import _cpu_window
@@ -155,11 +157,8 @@ def _measured(op, key) -> int:
         return torch.empty_strided(k[1], k[2], dtype=k[3]).zero_() if k[0] == "t" else _unhashable(k[1])
 
     with _disable_current_modes(), torch.no_grad():
-        kwargs = {}
-        if key and key[-1][0] == "kw":
-            kwargs = {name: real(k) for name, k in key[-1][1]}
-            key = key[:-1]
         args = [real(k) for k in key]
+        kwargs = {name: real(k) for name, k in kw}
         outs: list = []
 
         def run():
