@@ -267,3 +267,60 @@ def test_a_budget_below_the_floor_is_refused_before_any_planning(tmp_path, monke
     with pytest.raises(BudgetError) as above:
         torch.compile(copy.deepcopy(model), backend=memfit.backend(budget=err.smallest_peak, inner="eager"))(*args)
     assert not above.value.at_least and above.value.smallest_peak == searched_err.value.smallest_peak
+
+
+def test_regions_seen_in_other_chunk_counts_are_planned_without_tracing_again(monkeypatch):
+    """The stream search plans a region subset in several chunk counts; only the first is traced through
+    AOTAutograd (joint graph, joint passes, min-cut baseline), the others are planned from its joint graph
+    with the stream ops' keys renamed (``Attempt.partition_again``). Numerics: each such probe's predicted
+    peak, time, baseline and checkpoint plan equal those of the same graph traced afresh. Structure: one
+    trace per distinct structure. Effect: fewer traces than probes planned."""
+    import sys
+    import warnings
+
+    from memfit.compiler import search
+    from memfit.compiler.attempt import Attempt
+    from memfit.trace import trace_step
+
+    sys.path.insert(0, "examples")
+    import gpt
+
+    def factory():
+        return gpt.factory(batch=2, seq=128, vocab_size=2048, block_size=128, n_layer=2, n_head=4, n_embd=32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = trace_step(factory)[0].records[0].analysis.memory.peak_bytes
+    probe, traced, again, compared = search._probe, [], [], []
+    partition_again = Attempt.partition_again
+
+    def counting_again(self, snap, keys):
+        again.append(keys)
+        return partition_again(self, snap, keys)
+
+    def checked(backend, gm, example_inputs, joints=None):
+        structure = search._structure(gm) if joints is not None else None
+        seen = joints is not None and structure in joints
+        if joints is not None and not seen:
+            traced.append(structure)
+        got = probe(backend, gm, example_inputs, joints)
+        if seen:  # the same graph traced afresh plans the same
+            fresh = probe(backend, gm, example_inputs, {})
+            compared.append((got, fresh))
+        return got
+
+    monkeypatch.setattr(search, "_probe", checked)
+    monkeypatch.setattr(Attempt, "partition_again", counting_again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        be, _ = trace_step(factory, budget=int(plain * 0.5), strict=False)
+    probes = [c for c in be.records[0].candidates if c.get("probe")]
+    assert compared and len(again) == len(compared)
+    assert len(traced) == len(set(traced)) and len(traced) + len(compared) == len(probes), (len(traced), probes)
+    for (got, _), (fresh, _) in compared:
+        (a,), (b,) = got.records, fresh.records
+        assert a.analysis.memory.peak_bytes == b.analysis.memory.peak_bytes
+        assert a.analysis.time_s == pytest.approx(b.analysis.time_s, rel=1e-12)
+        assert a.before.memory.peak_bytes == b.before.memory.peak_bytes
+        assert (a.plan and a.plan.saved) == (b.plan and b.plan.saved)
+        assert len(a.pair.backward.graph.nodes) == len(b.pair.backward.graph.nodes)

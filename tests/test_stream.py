@@ -99,7 +99,8 @@ def test_gpt_matches_unstreamed_and_runs_each_region_in_chunks(inner):
 def test_repeated_layers_are_priced_from_one_twin_and_traced_before_they_run():
     """Inside ``twin_pricing`` (the auto search's probes) a region of a structure already prepared takes its
     scratch and time without tracing its own chunk graphs; such a region refuses to run until
-    ``ensure_prepared``, after which the step is exact and the figures are its own, equal to the twin's."""
+    ``ensure_prepared``, which copies the twin's chunk graphs (no tracing), after which the step is exact and
+    the figures are its own, equal to the twin's."""
     from memfit.kernels import stream as ks
 
     model, idx, tgt = _gpt(n_layer=4)
@@ -118,9 +119,19 @@ def test_repeated_layers_are_priced_from_one_twin_and_traced_before_they_run():
     assert len({r.signature() for r in regions}) == 3
     profile = be.records[0].analysis.profile
     priced = [(r.scratch_fwd, r.scratch_bwd, r.time(profile, False), r.time(profile, True)) for r in twins]
-    for r in regions:
-        r.ensure_prepared()
+    traces = []
+    make_fx = ks.make_fx
+    ks.make_fx = lambda *a, **k: traces.append(a) or make_fx(*a, **k)
+    try:
+        for r in regions:
+            r.ensure_prepared()
+    finally:
+        ks.make_fx = make_fx
     assert all(r.twin is None and r.fwd and r.bwd for r in twins)
+    # the twin's graphs are copied, not traced again, and not shared (each region compiles its own)
+    assert traces == []
+    assert all(r.fwd.keys() == regions[1].fwd.keys() and all(r.fwd[k] is not regions[1].fwd[k] for k in r.fwd)
+               for r in twins)
     # effect: the twin's figures are the ones its own chunk graphs give
     own = [(r.scratch_fwd, r.scratch_bwd, r.time(profile, False), r.time(profile, True)) for r in twins]
     assert own == pytest.approx(priced, rel=1e-12)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.fx
@@ -44,8 +44,11 @@ class Attempt:
     before AOTAutograd, such as ``stream``); ``tighten`` < 1 plans for a smaller budget (a re-plan of an
     over-budget Inductor compile)."""
 
-    def __init__(self, backend: Any, notes: Sequence[str] = (), *, tighten: float = 1.0, probe: bool = False):
+    def __init__(self, backend: Any, notes: Sequence[str] = (), *, tighten: float = 1.0, probe: bool = False,
+                 remember: Callable[["JointSnapshot"], None] | None = None):
         self.backend = backend
+        self.remember = remember
+        """Given the graph's :class:`JointSnapshot` (a probe's): see :meth:`partition_again`."""
         self.probe = probe
         """A stream search's probe (:func:`memfit.compiler.search.search_streams`): planned without the
         share-norms rewrite, which is a third of a probe's time on ``examples/gpt.py`` (planning it and
@@ -173,7 +176,29 @@ class Attempt:
             from torch._inductor.compile_fx import _recursive_joint_graph_passes
 
             joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
-        ctx = self.planning(name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs)
+        return self._partition(name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs)
+
+    def partition_again(self, snap: "JointSnapshot", keys: dict) -> None:
+        """Plan a graph whose joint graph is ``snap``'s with its ``memfit::stream`` keys renamed by ``keys``,
+        without tracing it: the same step streamed in another chunk count (only the regions behind the keys
+        differ, and with them the ops' scratch and time, which the planner reads from the regions). Its
+        baseline partition is ``snap``'s too (the min-cut partitioner does not read the regions). Skips
+        AOTAutograd's trace, Inductor's joint-graph passes and the min-cut partition: 70% of a probe of the
+        Llama-3-8B config (cProfile: 91, 58 and 43 of 267 s over nine compiles). A probe only: nothing is
+        compiled (``compiled`` stays None)."""
+        name = f"g{next(self._names)}"
+        if self.backend.progress:
+            self.backend.progress(f"graph {name}: {len(snap.joint.graph.nodes)} nodes (traced before, as streamed in "
+                                  "other chunk counts); planning")
+        joint = _renamed(snap.joint, keys)
+        baseline = (_renamed(snap.fw, keys), _renamed(snap.bw, keys))
+        self._partition(name, joint, snap.joint_inputs, snap.num_fwd_outputs, snap.joint_partitioner, dict(snap.kwargs),
+                        baseline=baseline)
+
+    def _partition(self, name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs, baseline=None):
+        """The partition callback's work after the joint-graph passes (see :meth:`partition`)."""
+        snap_kwargs = dict(kwargs)
+        ctx = self.planning(name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs, baseline)
         rewritable = None
         if "fewbit" in self.passes:
             from memfit.passes import fewbit as fewbit_pass
@@ -182,6 +207,11 @@ class Attempt:
             if joint_partitioner == "mincut":  # what Inductor would have decomposed while tracing
                 fewbit_pass.decompose(joint, fewbit_pass.HELD_BACK)
         base = Candidate("unchanged", *ctx.baseline(), None, None)
+        if self.remember is not None:
+            # the joint graph as the planner gets it: after the min-cut partitioner, which changes it in place
+            # (copied before it, a reused probe planned a different checkpoint plan: 606 nodes, not 583)
+            self.remember(JointSnapshot(_renamed(joint, {}), joint_inputs, num_fwd_outputs, joint_partitioner, snap_kwargs,
+                                        _renamed(base.fw, {}), _renamed(base.bw, {})))
         base.pair, base.analysis = ctx.analyse(base.fw, base.bw)
         shared = None
         if "share_norms" in self.passes and not self.probe and (self.options.passes != "auto" or (ctx.budget is not None and base.peak > ctx.budget)):
@@ -219,13 +249,16 @@ class Attempt:
                 g.meta["memfit_graph"] = f"{name}.{tag}"
         return chosen.fw, chosen.bw
 
-    def planning(self, name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs) -> "Planning":
-        """What planning this joint graph needs: its baseline partition, how to analyse a partition, the
-        budget to plan for (smaller while re-planning an over-budget Inductor compile), and the notes
-        pending for its record."""
+    def planning(self, name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs,
+                 known_baseline=None) -> "Planning":
+        """What planning this joint graph needs: its baseline partition (``known_baseline``: already made),
+        how to analyse a partition, the budget to plan for (smaller while re-planning an over-budget
+        Inductor compile), and the notes pending for its record."""
         compiler = kwargs.pop("compiler", "inductor")
 
         def baseline(graph=None):
+            if graph is None and known_baseline is not None:
+                return known_baseline
             graph = joint if graph is None else graph
             if joint_partitioner == "mincut":
                 return min_cut_rematerialization_partition(
@@ -304,4 +337,39 @@ class Attempt:
             note_and_warn(record, msg)
 
 
-__all__ = ["Attempt", "note_and_warn"]
+class JointSnapshot(NamedTuple):
+    """A joint graph as the partition callback got it (after Inductor's joint passes), with its baseline
+    partition: copies, for :meth:`Attempt.partition_again`."""
+
+    joint: torch.fx.GraphModule
+    joint_inputs: Any
+    num_fwd_outputs: int
+    joint_partitioner: str
+    kwargs: dict
+    fw: torch.fx.GraphModule
+    bw: torch.fx.GraphModule | None
+
+
+def _renamed(gm: torch.fx.GraphModule | None, keys: dict) -> torch.fx.GraphModule | None:
+    """A copy of ``gm`` (new nodes, each node's ``meta`` a shallow copy) whose ``memfit::stream`` ops'
+    region keys are renamed by ``keys``."""
+    if gm is None:
+        return None
+    import memfit.kernels.stream  # noqa: F401  (registers torch.ops.memfit.stream*)
+
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen  # AOTAutograd's joint graph takes its inputs as a pytree
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    ops = (torch.ops.memfit.stream.default, torch.ops.memfit.stream_backward.default)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in ops and n.args and n.args[0] in keys:
+            n.args = (keys[n.args[0]], *n.args[1:])
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    copy = _LazyGraphModule(gm, graph)  # its code generated only if asked for: 3.4 s of 15 copies on the Llama-3-8B config
+    copy.meta = dict(gm.meta)
+    return copy
+
+
+__all__ = ["Attempt", "JointSnapshot", "note_and_warn"]

@@ -178,6 +178,7 @@ def plan_checkpoint(attempt, ctx: "Planning", joint, budget, profile, curve_poin
             evaluate=evaluate,
             curve_points=curve_points,
             progress=attempt.backend.progress,
+            quick_refusal=attempt.probe,
         )
     except planner.Infeasible as e:
         err = BudgetError(e.smallest_peak, budget, margin, hints=attempt.backend.hints(e.smallest_peak, margin),

@@ -19,6 +19,7 @@ a trace on the backend. The rules by which one attempt is kept over another are 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -44,15 +45,15 @@ def compile_eager(backend, gm, example_inputs, notes) -> Attempt:
     return attempt
 
 
-def compile_analysis(backend, gm, example_inputs, notes, *, probe: bool = False) -> Attempt:
+def compile_analysis(backend, gm, example_inputs, notes, *, probe: bool = False, remember=None) -> Attempt:
     """Trace and partition as the backend would, then run the graphs eagerly (for fake tensors).
 
     With ``inner="inductor"`` the joint graph gets Inductor's decompositions, its joint-graph passes and
     the min-cut partition, so the analysis sees the graphs Inductor would be handed. (Without the
     joint-graph passes a GPT's cross-entropy backward keeps a [tokens, vocab] ``scatter`` that Inductor
     rewrites away: 65 MiB predicted against 39 MiB measured.) ``probe``: a stream search's probe
-    (:attr:`Attempt.probe`)."""
-    attempt = Attempt(backend, notes, probe=probe)
+    (:attr:`Attempt.probe`); ``remember``: see :attr:`Attempt.remember`."""
+    attempt = Attempt(backend, notes, probe=probe, remember=remember)
     if backend.options.inner == "eager":
         attempt.compile_eager(gm, example_inputs)
     else:
@@ -255,7 +256,7 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
     from memfit.kernels.stream import twin_pricing
 
     with twin_pricing():  # probes are priced and dropped: repeated layers traced once (see twin_pricing)
-        probes, best, refused, capped = search_streams(backend, gm, example_inputs, budget * margin, profile)
+        probes, best, refused, capped, lowest = search_streams(backend, gm, example_inputs, budget * margin, profile)
     if best is not None:
         prepare_streamed(best.graph)
     if capped:
@@ -269,18 +270,18 @@ def stream_or_not(backend, compile_one: CompileOne, gm, example_inputs) -> Attem
     if best is None or (plain_fits and best.time_s >= _time(plain)):
         if best is not None:
             release_streamed(best.graph)
-        lowest = min((p for p in probes if p.peak), key=lambda p: p.peak, default=None)
         if plain_fits or only_fewbit or lowest is None:
+            if lowest is not None:
+                release_streamed(lowest.graph)
             for r in plain.records[:1]:
                 r.notes.extend(notes)
                 r.notes.append(Note(_verdict(probes, None if not plain_fits else best, plain, plain_fits), "auto", "choice"))
                 r.candidates.extend(rows)
             return _keep(plain)
-        # nothing fits either way: compile the stream plan of lowest peak, and keep the lower of the two
-        got = stream_once(backend, gm, example_inputs, [], lowest.multiplier, lowest.largest,
-                          attention=lowest.attention, warn=False)
-        got.graph.meta["memfit_stream_notes"] = list(got.notes)
-        best = lowest._replace(graph=got.graph)
+        # nothing fits either way: compile the stream plan of lowest peak (the search kept its graph: streaming
+        # it again took 17 s of examples/gpt.py's refusal at 35 MiB), and keep the lower of the two
+        prepare_streamed(lowest.graph)
+        best = lowest
     streamed_gm = best.graph
     streamed = _held(compile_one, backend, streamed_gm, example_inputs,
                      notes + list(streamed_gm.meta.get("memfit_stream_notes", ())))
@@ -347,7 +348,17 @@ def _stream_time(gm, profile) -> float:
     return total
 
 
-def search_streams(backend, gm, example_inputs, limit: float, profile=None):
+class StreamSearch(NamedTuple):
+    """What :func:`search_streams` found."""
+
+    probes: list  # every configuration weighed (StreamProbe, without graphs)
+    best: "StreamProbe | None"  # the fitting probe of least predicted time, with its graph
+    refused: Any  # a Note saying why nothing can be streamed, or None
+    capped: str | None  # the first configuration left unplanned once choice.STREAM_SEARCH_PROBES were planned
+    lowest: "StreamProbe | None"  # where none fits: the probe of lowest predicted peak, with its graph
+
+
+def search_streams(backend, gm, example_inputs, limit: float, profile=None) -> StreamSearch:
     """Weigh stream configurations of ``gm`` against ``limit`` (the budget less the planning margin).
 
     Region subsets: the 1, 2, 4, ... largest regions and every region (``choice.stream_subsets``), and,
@@ -359,23 +370,26 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
     step with the checkpoint plan it needs, and a candidate: the least predicted time among those that
     fit wins, whatever its chunk count. A configuration whose stream ops alone, or (once the same regions
     were planned in another chunk count) whose step unplanned, are predicted slower than the best plan so
-    far is not planned further (``profile``: the device profile of those predictions). Returns (probes,
-    the fitting probe of least predicted time with its graph or None, a refusal note when nothing can be
-    streamed, the first configuration left unplanned once ``choice.STREAM_SEARCH_PROBES`` were planned)."""
+    far is not planned further (``profile``: the device profile of those predictions). The graphs of the
+    best probe, and while none fits of the lowest-peak one, are kept (:class:`StreamSearch`); the others
+    are released as soon as they are priced."""
     base = trace_once(gm, example_inputs)
     n = region_count(backend, gm, example_inputs, base)
     if not n:
         got = stream_once(backend, gm, example_inputs, [], 1, None, warn=False)
         if got.graph is gm:
-            return [], None, got.notes[-1] if got.notes else Note("stream: nothing to stream", "stream", "nothing_to_do"), None
+            return StreamSearch([], None, got.notes[-1] if got.notes else Note("stream: nothing to stream", "stream",
+                                                                                "nothing_to_do"), None, None)
         release_streamed(got.graph)
         n = 1
     probes: list[StreamProbe] = []
     best: StreamProbe | None = None
+    lowest: StreamProbe | None = None  # while none fits: the lowest predicted peak, its graph kept
     seen: dict = {}
     capped: list = []  # configurations left unplanned: the search had planned its most
 
     asked: dict = {}  # (largest, multiplier, attention) -> its probe: the subset bisection asks again
+    joints: dict = {}  # a streamed graph's structure -> its joint graph (see _probe)
     outside: dict = {}  # (largest, attention) -> predicted time of the step outside its stream ops, unplanned
 
     def probe(largest, mult, attention) -> StreamProbe | None:
@@ -384,7 +398,7 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
         return asked[largest, mult, attention]
 
     def _probe_once(largest, mult, attention) -> StreamProbe | None:
-        nonlocal best, profile
+        nonlocal best, lowest, profile
         got = stream_once(backend, gm, example_inputs, [], mult, largest, attention=attention, warn=False, base=base)
         if got.graph is gm:
             return None
@@ -413,7 +427,7 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             release_streamed(got.graph)
             capped.append(_label(got.plan, largest, n))
             return None
-        peak, t, fits, analysed, unplanned = _analyse(backend, got.graph, example_inputs, limit)
+        peak, t, fits, analysed, unplanned = _analyse(backend, got.graph, example_inputs, limit, joints)
         profile = profile or analysed
         if unplanned is not None and profile is not None and (largest, attention) not in outside:
             outside[largest, attention] = max(0.0, unplanned - _stream_time(got.graph, profile))
@@ -421,9 +435,14 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
         p = StreamProbe(label, largest, mult, attention, counts, peak, t, fits, got.graph)
         got.graph.meta["memfit_stream_notes"] = [n for n in got.notes]
         if fits and (best is None or t < best.time_s):
-            if best is not None:
-                release_streamed(best.graph)
-            best = p
+            for old in (best, lowest):
+                if old is not None:
+                    release_streamed(old.graph)
+            best, lowest = p, None
+        elif best is None and peak and (lowest is None or peak < lowest.peak):
+            if lowest is not None:
+                release_streamed(lowest.graph)
+            lowest = p
         else:
             release_streamed(got.graph)
         probes.append(p._replace(graph=None))
@@ -449,28 +468,36 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             option_cache[largest, attention] = options
         return option_cache[largest, attention]
 
-    def fits_at_most(largest) -> bool:
-        """Whether streaming the ``largest`` regions fits at their most chunks (without chunked attention)."""
-        options = chunk_options(largest, False)
-        p = probe(largest, options[-1][0], False) if options else None
+    subsets = choice.stream_subsets(n)
+    top_peak: dict = {}  # subset index -> its predicted peak at its most chunks
+
+    def fits_at_most(i) -> bool:
+        """Whether streaming subset ``i`` fits at its most chunks (without chunked attention)."""
+        options = chunk_options(subsets[i], False)
+        p = probe(subsets[i], options[-1][0], False) if options else None
+        if p is not None and p.peak:
+            top_peak[i] = p.peak
         return p is not None and (p.fits or p.skipped)
 
-    subsets = choice.stream_subsets(n)
     # The smallest subset that fits at its most chunks, by bisection over the subsets (each a superset of the
-    # one before: streaming more regions does not raise the peak). The Llama-3-8B config at 20 GiB walked
-    # the 1, 2, 4, 8, 16 and 32 largest regions, each over at 512 chunks, before every region fitted: seven
-    # fake-tensor compiles of the 32-layer step (8-40 s each) where bisection asks five (1, every, 8, 16,
-    # 32). A subset skipped for time counts as fitting here: the best so far already beats it.
+    # one before: streaming more regions does not raise the peak), its first step guessed from the peaks of
+    # the smallest and the whole subset (interpolated in the number of regions streamed: a transformer's
+    # layers each take about as much). The Llama-3-8B config at 20 GiB (LM head alone 24.45 GiB, every
+    # region 18.15) guesses the 32 largest (19.98: over), which leaves every region, in one probe of a small
+    # graph (7 s); plain bisection asked the 8, 16 and 32 largest, the first two 24-34 s each, as a
+    # probe's cost grows with the layers left unstreamed. A subset skipped for time counts as fitting here:
+    # the best so far already beats it.
     first = 0
-    if len(subsets) > 2 and not fits_at_most(subsets[0]):
-        if fits_at_most(subsets[-1]):
+    if len(subsets) > 2 and not fits_at_most(0):
+        if fits_at_most(len(subsets) - 1):
             lo, hi = 0, len(subsets) - 1
+            mid = _guess_subset(subsets, n, top_peak, limit)
             while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if fits_at_most(subsets[mid]):
+                if fits_at_most(mid):
                     hi = mid
                 else:
                     lo = mid
+                mid = (lo + hi) // 2
             first = hi
         else:
             first = len(subsets)  # not even every region fits: only attentions by query chunks can help
@@ -504,33 +531,79 @@ def search_streams(backend, gm, example_inputs, limit: float, profile=None):
             break
     if best is not None:
         best = next(p for p in probes if p.counts == best.counts)._replace(graph=best.graph)
+    if lowest is not None:
+        lowest = next(p for p in probes if p.counts == lowest.counts)._replace(graph=lowest.graph)
     if capped and backend.progress:
         backend.progress(f"stream search: stopped after {choice.STREAM_SEARCH_PROBES} plans (choice.STREAM_SEARCH_PROBES); "
                          f"not weighed: {capped[0]} and larger")
-    return probes, best, None, (capped[0] if capped else None)
+    return StreamSearch(probes, best, None, capped[0] if capped else None, lowest)
 
 
-def _probe(backend, gm, example_inputs) -> tuple[Attempt | None, BudgetError | None]:
+def _guess_subset(subsets: list, n: int, top_peak: dict, limit: float) -> int:
+    """The subset (an index strictly between the first and the last of ``subsets``, both probed) to try
+    first in the search for the smallest that fits: where the peak, interpolated linearly in the number of
+    regions streamed between the first's and the last's, reaches ``limit``; the middle where a peak is not
+    known."""
+    lo, hi = 0, len(subsets) - 1
+    mid = (lo + hi) // 2
+    a, b = top_peak.get(lo), top_peak.get(hi)
+    if a is None or b is None or a <= b:
+        return mid
+    size = [n if k is None else min(k, n) for k in subsets]
+    k = size[lo] + (a - limit) / (a - b) * (size[hi] - size[lo])
+    return next((i for i in range(lo + 1, hi) if size[i] >= k), hi - 1)
+
+
+def _structure(gm) -> tuple:
+    """A streamed graph up to its regions' keys: its code with each key replaced by its position, and per
+    region what shapes the op's autograd (its outputs, which inputs get gradients, gradients in the
+    forward or not). Two graphs of one structure (the same regions in other chunk counts) have the same
+    joint graph, keys aside."""
+    from memfit.kernels.stream import REGISTRY
+
+    keys = list(gm.meta.get("memfit_stream_keys", ()))
+    where = {k: i for i, k in enumerate(keys)}
+    code = re.sub(r"'(r\d+)'", lambda m: f"<{where.get(m.group(1), m.group(1))}>", gm.code)
+    regions = tuple((repr(r.out_meta), r.needs, r.plan.grad_in_forward, repr(r.outputs))
+                    for r in (REGISTRY.get(k) for k in keys) if r is not None)
+    return code, regions
+
+
+def _probe(backend, gm, example_inputs, joints: dict | None = None) -> tuple[Attempt | None, BudgetError | None]:
     """(analysis attempt, None) or (None, its refusal) of an already streamed graph's step, for a search
     that then drops it: its warnings muted (a probe's "over the budget" is not the final word), no report
-    curve (never shown), no share-norms rewrite (:attr:`Attempt.probe`)."""
+    curve (never shown), no share-norms rewrite (:attr:`Attempt.probe`). ``joints``: a search's joint
+    graphs by :func:`_structure`; a graph of a structure seen before is planned from that one's joint
+    graph, not traced again (:meth:`Attempt.partition_again`)."""
     curve, backend.curve_points = backend.curve_points, 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return compile_analysis(backend, gm, example_inputs, [], probe=True), None
+            if joints is None:
+                return compile_analysis(backend, gm, example_inputs, [], probe=True), None
+            structure = _structure(gm)
+            keys = list(gm.meta.get("memfit_stream_keys", ()))
+            seen = joints.get(structure)
+            if seen is None:
+                def remember(snap):
+                    joints[structure] = (snap, keys)
+                return compile_analysis(backend, gm, example_inputs, [], probe=True, remember=remember), None
+            snap, old = seen
+            attempt = Attempt(backend, [], probe=True)
+            attempt.partition_again(snap, dict(zip(old, keys)))
+            return attempt, None
     except BudgetError as e:
         return None, e
     finally:
         backend.curve_points = curve
 
 
-def _analyse(backend, gm, example_inputs, limit: float):
+def _analyse(backend, gm, example_inputs, limit: float, joints: dict | None = None):
     """(predicted peak or None, predicted time, fits exactly under ``limit``, the device profile or None,
     the step's predicted time unplanned or None) of a streamed graph's step, from an analysis attempt that
     is then dropped. The unplanned time (the baseline partition's, no recomputation) bounds from below
     what the same regions streamed in other chunk counts can take (see :func:`search_streams`)."""
-    probe, refused = _probe(backend, gm, example_inputs)
+    probe, refused = _probe(backend, gm, example_inputs, joints)
     if refused is not None:  # strict: no plan fits; its smallest peak still ranks the configurations
         unplanned = refused.baseline[1].time_s if getattr(refused, "baseline", None) is not None else None
         return (refused.smallest_peak or None), float("inf"), False, None, unplanned

@@ -409,6 +409,7 @@ def plan(
     max_probes: int = 10,
     curve_points: int = 0,
     progress: Callable[[str], None] | None = None,
+    quick_refusal: bool = False,
 ) -> tuple[CheckpointPlan, object]:
     """The plan of least recompute time whose evaluated peak is at most ``budget``.
 
@@ -416,7 +417,10 @@ def plan(
     chosen plan is returned beside it (the partitioned graphs, so they are not built twice).
     ``curve_points``: probe at least this many saved-byte limits in all, evenly between the least
     and the most saving plans, so the report's budget-vs-time curve has points across the range.
-    Raises :class:`Infeasible` with the smallest peak found when no plan fits.
+    Raises :class:`Infeasible` with the smallest peak found when no plan fits; ``quick_refusal``: as soon
+    as the least-saving plan is over the budget, without evaluating the fastest one (a stream search's
+    probe needs only the verdict: the fastest plan of the Llama-3-8B config, 1.1 s of a probe, only
+    ever confirmed it).
 
     The search: the least-saving and the fastest plans first (the two ends of the range); when the
     fastest does not fit, bisection on the saved-bytes limit between them (:func:`_bisect`); then
@@ -430,6 +434,8 @@ def plan(
         from memfit.errors import CantApply
 
         raise CantApply("the checkpoint program has no solution (conflicting save/recompute tags?)")
+    if quick_refusal and lo.peak > budget and not curve_points:
+        raise Infeasible(lo.peak, budget, _checkpoint_plan(lo, budget, search.probes, t0), lo.result, problem.limits)
     hi = search.run(None)  # no limit: the fastest plan (saves everything it needs)
     best = min((p for p in (lo, hi) if p.peak <= budget), key=lambda p: p.cost, default=None)
     if best is None and lo.peak > budget:
