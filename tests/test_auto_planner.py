@@ -269,12 +269,14 @@ def test_a_budget_below_the_floor_is_refused_before_any_planning(tmp_path, monke
     assert not above.value.at_least and above.value.smallest_peak == searched_err.value.smallest_peak
 
 
-def test_regions_seen_in_other_chunk_counts_are_planned_without_tracing_again(monkeypatch):
+def test_the_stream_search_traces_each_structure_once_and_keeps_what_it_compiles(monkeypatch):
     """The stream search plans a region subset in several chunk counts; only the first is traced through
     AOTAutograd (joint graph, joint passes, min-cut baseline), the others are planned from its joint graph
     with the stream ops' keys renamed (``Attempt.partition_again``). Numerics: each such probe's predicted
     peak, time, baseline and checkpoint plan equal those of the same graph traced afresh. Structure: one
-    trace per distinct structure. Effect: fewer traces than probes planned."""
+    trace per distinct structure. Effect: fewer traces than probes planned. Where nothing fits, the
+    probe of lowest peak is compiled from the graph the search kept (streaming it again took 17 s of
+    examples/gpt.py's refusal at 35 MiB), its regions prepared to run."""
     import sys
     import warnings
 
@@ -324,3 +326,47 @@ def test_regions_seen_in_other_chunk_counts_are_planned_without_tracing_again(mo
         assert a.before.memory.peak_bytes == b.before.memory.peak_bytes
         assert (a.plan and a.plan.saved) == (b.plan and b.plan.saved)
         assert len(a.pair.backward.graph.nodes) == len(b.pair.backward.graph.nodes)
+
+    # nothing fits: the lowest-peak probe's graph is compiled as the search left it, not streamed again
+    from memfit.kernels.stream import REGISTRY
+
+    monkeypatch.setattr(search, "_probe", probe)
+    search_streams, stream_once, after = search.search_streams, search.stream_once, []
+
+    def searched(*a, **k):
+        got = search_streams(*a, **k)
+        after.append(got.lowest)
+        return got
+
+    monkeypatch.setattr(search, "search_streams", searched)
+    # streamed again once the search returned (inside it, stream_once plans and carries out every probe)
+    monkeypatch.setattr(search, "stream_once", lambda *a, **k: (after and after.append("again")) or stream_once(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        be, _ = trace_step(factory, budget=int(plain * 0.3), strict=False)
+    (rec,) = be.records
+    lowest = after[0]
+    assert after == [lowest] and lowest is not None and be.infeasible
+    assert any("none fits either way: compiled the one of lowest predicted peak" in n for n in rec.notes), rec.notes
+    keys = lowest.graph.meta["memfit_stream_keys"]
+    ops = {n.args[0] for n in rec.pair.forward.graph.nodes if n.target is torch.ops.memfit.stream.default}
+    assert ops == set(keys) and all(REGISTRY[k].twin is None and (REGISTRY[k].fwd or REGISTRY[k].fwdbwd) for k in keys)
+
+
+def test_the_subset_search_first_guesses_from_the_peaks_at_its_ends():
+    """The smallest region subset that fits is bisected from a first guess interpolated between the peaks of
+    the smallest and the whole subset: the Llama-3-8B config at 20 GiB (LM head alone 24.45 GiB, every
+    region 18.15, limit 19.40) guesses the 32 largest regions, next to every region, where the middle (the 8
+    largest) was a 24-34 s probe of a graph with 25 layers unstreamed."""
+    from memfit.compiler.search import _guess_subset
+
+    subsets = choice.stream_subsets(33)
+    assert subsets == [1, 2, 4, 8, 16, 32, None]
+    gib = 2**30
+    ends = {0: 24.45 * gib, 6: 18.15 * gib}
+    assert subsets[_guess_subset(subsets, 33, ends, 19.40 * gib)] == 32
+    assert subsets[_guess_subset(subsets, 33, ends, 24.00 * gib)] == 4  # 3.3 regions: the 4 largest
+    assert subsets[_guess_subset(subsets, 33, ends, 18.20 * gib)] == 32  # never the ends themselves
+    # a peak unknown (a probe skipped for time), or not falling: the middle
+    assert _guess_subset(subsets, 33, {0: ends[0]}, 19.40 * gib) == 3
+    assert _guess_subset(subsets, 33, {0: 5.0, 6: 5.0}, 1.0) == 3

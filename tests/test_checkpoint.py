@@ -369,3 +369,39 @@ def test_layers_of_another_structure_stay_in_the_whole_program(monkeypatch):
     )
     assert "no two of the graph" in one.layers.reason and "have the same structure" in one.layers.reason
     assert one.solve(None, by_layer=True).layer_points == ()
+
+
+def test_a_probe_is_refused_at_the_least_saving_plan(monkeypatch):
+    """``quick_refusal`` (a stream search's probes): when the least-saving plan is over the budget the
+    planner refuses at once, with the same smallest peak, without evaluating the fastest plan (which
+    only ever confirmed the refusal: 1.1 s of a probe of the Llama-3-8B config)."""
+    import gpt
+
+    from memfit.planner import checkpoint as planner
+    from memfit.trace import analyze
+
+    plan, runs = planner.plan, []
+
+    def both(joint, **kw):
+        got = []
+        for quick in (False, True):
+            evaluated = []
+
+            def evaluate(saved, _evaluate=kw["evaluate"]):
+                evaluated.append(saved)
+                return _evaluate(saved)
+
+            with pytest.raises(planner.Infeasible) as e:
+                plan(joint, **dict(kw, evaluate=evaluate, quick_refusal=quick))
+            got.append((e.value, evaluated))
+        runs.append(got)
+        raise got[0][0]
+
+    monkeypatch.setattr(planner, "plan", both)
+    with pytest.raises(BudgetError):
+        analyze(lambda: gpt.factory(batch=2, seq=64, n_layer=2, n_embd=64, n_head=4, vocab_size=256, block_size=64),
+                budget=1024, passes=["checkpoint"], inner="eager")
+    ((full, full_evaluated), (quick, quick_evaluated)), = runs
+    assert len(full_evaluated) == 2 and quick_evaluated == full_evaluated[:1]
+    assert quick.smallest_peak == full.smallest_peak > 1024
+    assert quick.smallest.saved == full.smallest.saved
