@@ -351,25 +351,20 @@ class JointSnapshot(NamedTuple):
 
 
 def _renamed(gm: torch.fx.GraphModule | None, keys: dict) -> torch.fx.GraphModule | None:
-    """A copy of ``gm`` (new nodes, each node's ``meta`` a shallow copy) whose ``memfit::stream`` ops'
-    region keys are renamed by ``keys``."""
+    """A copy of ``gm`` (not code-generated: analysed, never run) whose ``memfit::stream`` ops' region keys
+    are renamed by ``keys``."""
     if gm is None:
         return None
     import memfit.kernels.stream  # noqa: F401  (registers torch.ops.memfit.stream*)
+    from memfit.planner.graphs import copy_graph_module
 
-    graph = torch.fx.Graph()
-    graph._codegen = gm.graph._codegen  # AOTAutograd's joint graph takes its inputs as a pytree
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
     ops = (torch.ops.memfit.stream.default, torch.ops.memfit.stream_backward.default)
-    for n in graph.nodes:
+
+    def rename(n):
         if n.op == "call_function" and n.target in ops and n.args and n.args[0] in keys:
             n.args = (keys[n.args[0]], *n.args[1:])
-    from torch.fx._lazy_graph_module import _LazyGraphModule
 
-    copy = _LazyGraphModule(gm, graph)  # its code generated only if asked for: 3.4 s of 15 copies on the Llama-3-8B config
-    copy.meta = dict(gm.meta)
-    return copy
+    return copy_graph_module(gm, lazy=True, rewrite=rename)
 
 
 __all__ = ["Attempt", "JointSnapshot", "note_and_warn"]

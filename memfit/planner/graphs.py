@@ -1,4 +1,5 @@
-"""Graph utilities shared by planners: connected groups of FX nodes, and the nodes some roots need."""
+"""Graph utilities shared by planners: connected groups of FX nodes, the nodes some roots need, and copies
+of graph modules."""
 
 from __future__ import annotations
 
@@ -51,4 +52,27 @@ def ancestors(roots: Iterable) -> set:
     return seen
 
 
-__all__ = ["ancestors", "connected_groups"]
+def copy_graph_module(gm, *, lazy: bool = False, rewrite: Callable | None = None):
+    """A copy of ``gm`` with nodes of its own (each node's ``meta`` a shallow copy; the example values
+    themselves shared), ``rewrite(node)`` applied to each new node. ``lazy``: its Python code is generated
+    only if it is asked for (a copy that is analysed, never run, skips codegen: 3.4 s over a stream
+    search's 15 copies of the Llama-3-8B config's graphs).
+
+    Used by the stream search (a probe's joint graph, planned again with other regions behind its stream
+    ops) and by the stream regions (a twin's chunk graphs, each region compiling its own)."""
+    import torch.fx
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen  # AOTAutograd's joint graph takes its inputs as a pytree
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    if rewrite is not None:
+        for n in graph.nodes:
+            rewrite(n)
+    copy = (_LazyGraphModule if lazy else torch.fx.GraphModule)(gm, graph)
+    copy.meta = dict(gm.meta)
+    return copy
+
+
+__all__ = ["ancestors", "connected_groups", "copy_graph_module"]
