@@ -345,8 +345,8 @@ def _cpu_flash_backward(grad_out, q, k, v, *args, **kwargs) -> int:
 #: registry's are). The CPU's flash attention (what ``scaled_dot_product_attention`` runs on CPU and what a
 #: graph traced on CPU fake tensors holds, whatever the device profile) counted one FLOP per output element:
 #: a 2-layer GPT's two attentions, 7.2 ms of a 38.5 ms step (torch profiler, a shared machine), were priced
-#: as their memory traffic alone, and streamed steps
-#: (whose chunk graphs leave the attentions out) were predicted 0.3x of the unstreamed step too fast.
+#: as their memory traffic alone, and streamed steps (whose chunk graphs leave the attentions out) were
+#: predicted 0.3x of the unstreamed step too fast.
 _ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,

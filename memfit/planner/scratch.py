@@ -89,17 +89,20 @@ def _scratch(node: torch.fx.Node, strides: list | None = None) -> int:
     if strides is not None:
         it = iter(strides)
         vals = [_restrided(v, next(it, None)) if isinstance(v, torch.Tensor) else v for v in vals]
-    kwargs = _tensor_kwargs(node) if node.target in _ATTENTION else {}
+    attention = node.target in _ATTENTION
+    kwargs = _tensor_kwargs(node) if attention else {}
     tensors = [v for v in [*vals, *kwargs.values()] if isinstance(v, (torch.Tensor, _Layout))]
-    fallback = 0 if node.target in _ATTENTION else None
+
+    def fallback() -> int:  # the attention's operands are no estimate of its buffers: nothing is counted
+        return 0 if attention else _operand_bytes(node)
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return 0  # cuDNN's workspace is another story; the planner's CPU tests are what this serves
     if node.target in _FP32_FREE and all(t.dtype in (torch.float32, torch.float64) for t in tensors):
         return 0  # fp32 matmuls and reductions write their output in place (measured: 0 bytes besides it)
     if any(not isinstance(s, int) for t in tensors for s in t.shape):
-        return _operand_bytes(node) if fallback is None else fallback
+        return fallback()
     if sum(t.numel() * t.element_size() for t in tensors) > MEASURE_LIMIT:
-        return _operand_bytes(node) if fallback is None else fallback
+        return fallback()
 
     def one(v):
         if isinstance(v, (torch.Tensor, _Layout)):
@@ -109,11 +112,11 @@ def _scratch(node: torch.fx.Node, strides: list | None = None) -> int:
     key = tuple(one(v) for v in vals)
     kw = tuple((k, one(v)) for k, v in sorted(kwargs.items()))
     # the attention's buffers are per thread: the thread count keys its measurement
-    threads = torch.get_num_threads() if node.target in _ATTENTION else None
+    threads = torch.get_num_threads() if attention else None
     try:
         return _measured(node.target, key, kw, threads)
     except Exception:  # noqa: BLE001 - a profiler already running, an odd argument: count the operands
-        return _operand_bytes(node) if fallback is None else fallback
+        return fallback()
 
 
 class _Layout:
