@@ -66,10 +66,19 @@ def to_aten(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx
 
     A fresh FakeTensorMode with no ShapeEnv: tracing under Dynamo's own mode records ``sym_size``
     nodes and adds guards to Dynamo's ShapeEnv that it then fails to build (seen on HF Llama).
+
+    Traced with the Python dispatcher on, as AOTAutograd traces plain ``torch.compile``'s graphs: ops
+    without a kernel of their own then decompose as they do there. Without it, ``F.dropout`` on CPU
+    became ATen's C++ ``empty_like + bernoulli_ + div_ + mul`` (a float32 noise tensor saved for the
+    backward, 4x the bytes of ``native_dropout``'s bool mask), and Inductor's CPU fallback for that
+    ``bernoulli_`` was fused out of order: its consumer read the noise buffer before the fallback had
+    filled it, and an HF GPT-2 with attention dropout 0.1 streamed under Inductor trained on a NaN loss.
     """
+    from torch._dispatch.python import enable_python_dispatcher
+
     mode = FakeTensorMode()
     fakes = fake_inputs(example_inputs, mode)
-    with mode:
+    with mode, enable_python_dispatcher():
         traced = make_fx(_GradModeTagger(gm).run, tracing_mode="real")(*fakes)
     traced.graph.eliminate_dead_code()
     traced.recompile()

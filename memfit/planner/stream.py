@@ -647,13 +647,16 @@ def _keep_layout(n, info: _Info) -> None:
     """An op outside every region (it mixes tokens, or has no rule) whose output has its first token
     input's shape keeps that input's token dim (``cumsum`` over the tokens, a causal mix): the ops after
     it can still form a region, taking its output, sliced along that dim, as an input. Not claimed:
-    that the op is row-local."""
+    that the op is row-local. A multi-output op keeps it in each output of that shape (``native_dropout``:
+    the dropped values and the mask; without it, nothing after a GPT-2's first dropout was streamed)."""
     v = _val(n)
     for a in n.all_input_nodes:
         t = info.layout.get(a)
         if isinstance(t, Tok):
             if isinstance(v, torch.Tensor) and tuple(v.shape) == _shape(a):
                 info.layout[n] = t
+            elif isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) and tuple(x.shape) == _shape(a) for x in v):
+                info.layout[n] = tuple(t if isinstance(x, torch.Tensor) and tuple(x.shape) == _shape(a) else None for x in v)
             return
 
 
