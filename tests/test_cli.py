@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -128,3 +129,24 @@ def test_analyze_with_a_budget_shows_the_step_without_memfit_beside_the_plan(cap
     assert peak[2:4] == ["1.82", "MiB"] and float(peak[4]) <= 1.2  # before, then the plan under the budget
     assert main(["analyze", "examples/gpt.py:small", "--inner", "eager"]) == 0
     assert "without memfit" not in capsys.readouterr().out
+
+
+def test_analyze_a_model_with_dropout_under_inductor(tmp_path, capsys):
+    """Inductor's joint-graph passes fuse the seeds of the random ops (a dropout drawn by ``rand_like``)
+    under the fake mode Inductor sets; memfit runs them to see the graphs Inductor would get, and without
+    that mode set every analysis of a model with dropout failed ("'NullHandler' object does not support the
+    context manager protocol"). Now it is analysed, and the dropout's saved mask is a bool per element
+    (64 x 512 bytes), as plain ``torch.compile`` saves it."""
+    f = tmp_path / "drop.py"
+    f.write_text(
+        "import torch\n"
+        "def factory():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Dropout(0.1),\n"
+        "                                torch.nn.Linear(512, 128))\n"
+        "    return model, (torch.randn(64, 128),), lambda out: out.pow(2).mean()\n"
+    )
+    assert main(["analyze", str(f), "--top", "20"]) == 0
+    out = capsys.readouterr().out
+    # the mask: saved by a comparison (``rand_like(x) > p``) in module 2, the Dropout
+    assert re.search(r"32\.00 KiB\s+gt\w*\s+2\s", out), out

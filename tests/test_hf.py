@@ -343,3 +343,39 @@ def test_streamed_llama_under_inductor_replays_to_its_measured_peak():
     want.loss.backward()
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-4, atol=1e-5)
     _assert_grads_close(model, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_dropout_trains_streamed_as_plain_compile_draws_it():
+    """An HF GPT-2 as its config comes (dropout 0.1 on embeddings, attention probabilities and residuals),
+    streamed under Inductor. The graph was traced to ATen without the Python dispatcher, so ``F.dropout``
+    became ``empty_like + bernoulli_`` (a float32 noise tensor saved for the backward), and Inductor's CPU
+    fallback for that ``bernoulli_`` was fused after its consumer: the loss was NaN. Now the dropout is
+    ``native_dropout``, as plain ``torch.compile`` traces it: with the same seed both draw the same masks, so
+    the loss and every gradient are plain ``torch.compile``'s; and the regions after each dropout stream."""
+    t = transformers
+    torch.manual_seed(0)
+    model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=1024, n_positions=256, n_embd=64, n_layer=2, n_head=4))
+    assert model.config.attn_pdrop == model.config.resid_pdrop == model.config.embd_pdrop == 0.1
+    model.train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 1024, (2, 256), generator=torch.Generator().manual_seed(0))
+    memfit.hf.compile(model, passes=["stream"], stream_chunks=4, inner="inductor")
+    plain = torch.compile(ref)
+    losses = []
+    for m in (model, plain):
+        torch.manual_seed(1)  # the same dropout masks for both
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss)
+    # numerics: finite, and plain torch.compile's loss and gradients (same masks)
+    assert torch.isfinite(losses[0]), losses
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    _assert_grads_close(model, ref, rtol=1e-4, atol=1e-5)
+    # structure: dropout drawn by Inductor's random op (no bernoulli fallback), and streamed around:
+    # per layer the pre-attention LN + QKV, the projection + residual, the MLP; then the LM head and loss
+    (rec,) = model.memfit.backend.latest_records()
+    targets = [str(n.target) for n in rec.pair.forward.graph.nodes if n.op == "call_function"]
+    assert not any("bernoulli" in s for s in targets) and targets.count("prims.inductor_random.default") == 7
+    regions = [n for n in rec.notes if n.startswith("stream: region s")]
+    assert len(regions) == 3 * 2 + 1, rec.notes
+    assert any("random op" in n and "native_dropout" in n for n in rec.notes), rec.notes

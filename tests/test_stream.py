@@ -11,6 +11,7 @@ peak (chunk scratch included) follows the measured one.
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ import memfit
 from memfit import BudgetError
 from memfit.measurement import measure, training_step
 from memfit.passes import stream as sp
-from memfit.planner.stream import Tok, analyse, seq_len_of
+from memfit.planner.stream import Tok, analyse, find_regions, seq_len_of
+
+aten = torch.ops.aten
 
 
 def _grads(model, fn):
@@ -375,6 +378,32 @@ def test_layout_rules():
     torch.testing.assert_close(tok.rows(x, 6, 2, 4), x[:, 2:4])
     flat = Tok(0, outer=2)
     torch.testing.assert_close(flat.rows(x.view(12, 3), 6, 2, 4), x[:, 2:4].reshape(4, 3))
+
+
+def test_dropout_traces_as_native_dropout_and_the_rows_after_it_stream():
+    """``F.dropout`` traces to ``native_dropout`` (as AOTAutograd traces it for plain ``torch.compile``), not
+    to ATen's C++ ``empty_like + bernoulli_`` (a float32 noise saved for the backward; Inductor's CPU
+    fallback for the ``bernoulli_`` was fused after its reader: NaN). The dropout is random, so it ends a
+    region; the ops after it take its output by rows (its layout kept through the op's two outputs)."""
+    def g(ids, w, fc):
+        x = torch.nn.functional.embedding(ids, w)
+        y = torch.nn.functional.dropout(x @ fc, 0.1, True)
+        return torch.softmax(y @ fc, -1)
+
+    ids, w, fc = torch.randint(0, 10, (2, 16)), torch.randn(10, 32), torch.randn(32, 32)
+    gm = sp.to_aten(torch.fx.symbolic_trace(g), [ids, w, fc])
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.native_dropout.default in targets and not any("bernoulli" in str(t) for t in targets)
+    plan, info = find_regions(gm, 16, 4, needs_grad=set())
+    drop = next(n for n in gm.graph.nodes if n.target is aten.native_dropout.default)
+    assert drop not in info.member and "random op" in info.reason[drop]
+    assert info.layout[drop] == (Tok(1), Tok(1))
+    # two regions: the matmul before the dropout, and the matmul and softmax after it, which reads the
+    # dropout's output by rows
+    assert len(plan.regions) == 2, plan
+    after = plan.regions[1]
+    inp = next(u.name for u in drop.users if u.target is operator.getitem and u.args[1] == 0)
+    assert inp in after.inputs and after.input_layouts[after.inputs.index(inp)] == Tok(1)
 
 
 def test_options_and_attention_default():

@@ -173,9 +173,16 @@ class Attempt:
         if self.backend.progress:
             self.backend.progress(f"graph {name}: {len(joint.graph.nodes)} nodes; partitioning and planning")
         if joint_passes:  # what Inductor runs before calling its partitioner
+            from torch._guards import detect_fake_mode
             from torch._inductor.compile_fx import _recursive_joint_graph_passes
+            from torch._inductor.virtualized import V
 
-            joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
+            # Under Inductor's compile_fx the fake mode is set; here it is not, and the pass that fuses
+            # the random ops' seeds (a dropout drawn by ``rand_like``) raised "'NullHandler' object does
+            # not support the context manager protocol": `memfit analyze`, `memfit plan` and the stream
+            # search failed on every model with dropout under Inductor.
+            with V.set_fake_mode(detect_fake_mode(joint_inputs)):
+                joint = _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True)
         return self._partition(name, joint, joint_inputs, num_fwd_outputs, joint_partitioner, kwargs)
 
     def partition_again(self, snap: "JointSnapshot", keys: dict) -> None:
