@@ -71,8 +71,9 @@ def to_aten(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx
     without a kernel of their own then decompose as they do there. Without it, ``F.dropout`` on CPU
     became ATen's C++ ``empty_like + bernoulli_ + div_ + mul`` (a float32 noise tensor saved for the
     backward, 4x the bytes of ``native_dropout``'s bool mask), and Inductor's CPU fallback for that
-    ``bernoulli_`` was fused out of order: its consumer read the noise buffer before the fallback had
-    filled it, and an HF GPT-2 with attention dropout 0.1 streamed under Inductor trained on a NaN loss.
+    ``bernoulli_`` (https://github.com/pytorch/pytorch/pull/97002) was fused out of order: its consumer
+    read the noise buffer before the fallback had filled it, and an HF GPT-2 with attention dropout 0.1
+    streamed under Inductor trained on a NaN loss.
     """
     from torch._dispatch.python import enable_python_dispatcher
 
