@@ -94,6 +94,19 @@ def _labels_given(signature: inspect.Signature | None, args: tuple, kwargs: dict
     return "labels" in params and params.index("labels") < len(args) and args[params.index("labels")] is not None
 
 
+def _no_cache_under_checkpointing(model: torch.nn.Module, signature: inspect.Signature | None, kw: dict) -> dict:
+    """``use_cache=False`` where the model would set it itself: in training with gradient checkpointing on
+    (``model.gradient_checkpointing_enable()``), an HF model whose config asks for the cache turns it off
+    after a ``logger.warning_once``, which Dynamo does not trace: the graph broke inside the model, the
+    logits became an output of the graph before the break, and a Llama with checkpointing on could not be
+    planned under 24.00 MiB (its logits held) at a budget of 12.45. Same value, set before the trace."""
+    if (getattr(model, "is_gradient_checkpointing", False) and kw.get("use_cache") is None
+            and getattr(model.config, "use_cache", False)
+            and (signature is None or "use_cache" in signature.parameters)):
+        return {**kw, "use_cache": False}
+    return kw
+
+
 def _without_logits(out: Any) -> Any:
     """``out`` rebuilt without its logits (a new object of its class: setting ``out.logits = None`` on
     the traced object still returned the logits from the graph)."""
@@ -148,7 +161,7 @@ def compile(  # noqa: A001  (memfit.hf.compile, as torch.compile)
     @functools.wraps(forward)  # the signature the Trainer inspects (num_items_in_batch) is the model's
     def dispatch(*args: Any, **kw: Any) -> Any:
         if model.training and torch.is_grad_enabled():
-            return compiled(*args, **kw)
+            return compiled(*args, **_no_cache_under_checkpointing(model, signature, kw))
         return forward(*args, **kw)
 
     model.forward = dispatch
