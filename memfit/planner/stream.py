@@ -655,8 +655,10 @@ def _keep_layout(n, info: _Info) -> None:
         if isinstance(t, Tok):
             if isinstance(v, torch.Tensor) and tuple(v.shape) == _shape(a):
                 info.layout[n] = t
-            elif isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) and tuple(x.shape) == _shape(a) for x in v):
-                info.layout[n] = tuple(t if isinstance(x, torch.Tensor) and tuple(x.shape) == _shape(a) else None for x in v)
+            elif isinstance(v, (list, tuple)):
+                kept = tuple(t if isinstance(x, torch.Tensor) and tuple(x.shape) == _shape(a) else None for x in v)
+                if any(k is not None for k in kept):
+                    info.layout[n] = kept
             return
 
 
