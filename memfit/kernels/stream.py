@@ -755,7 +755,28 @@ def _scratch(node, strides=None) -> int:
     r = REGISTRY.get(node.args[0])
     if r is None:
         return 0
-    return r.scratch_bwd if node.target is torch.ops.memfit.stream_backward.default else r.scratch_fwd
+    chunks = r.scratch_bwd if node.target is torch.ops.memfit.stream_backward.default else r.scratch_fwd
+    return chunks + _conform_bytes(r, node, strides)
+
+
+def _conform_bytes(r: "Region", node, strides=None) -> int:
+    """Bytes of the copies :meth:`Region.conform` makes, held while the op runs: each input whose strides
+    (the graph's value, or as Inductor compiled it: ``strides``) differ from those the chunk graphs were
+    traced for. The stream pass traces its own ATen graph, and a value's layout there can differ from
+    AOTAutograd's: under HF's gradient checkpointing a GPT-2's attention output, redrawn through
+    AOTAutograd's RNG op, is contiguous in the step's graph and head-transposed in the region's trace,
+    and the [2, 4, 256, 16] copy (128 KiB) was the gap between the predicted and measured peak."""
+    xs = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else ()
+    total = 0
+    for i, (a, (shape, dtype, _, stride)) in enumerate(zip(xs, r._xs_meta)):
+        v = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor) or not v.dim():
+            continue
+        given = strides[i] if strides is not None and i < len(strides) and strides[i] is not None else v.stride()
+        if tuple(given) != tuple(stride):
+            size = 1 + sum((d - 1) * st for d, st in zip(shape, stride) if d > 0) if all(d > 0 for d in shape) else 0
+            total += size * dtype.itemsize
+    return total
 
 
 def _time(node, profile) -> float:

@@ -397,7 +397,8 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
             if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
                 src = bufs.get(n.args[0].name, [None])
                 idx = n.args[1]
-                bufs[n.name] = [src[idx] if isinstance(idx, int) and idx < len(src) else None]
+                got = src[idx] if isinstance(idx, int) and idx < len(src) else None
+                bufs[n.name] = got if isinstance(got, list) else [got]  # a nested tuple: its buffers
             elif is_view(n):
                 base = _first_tensor_input(n)
                 shared = bufs[base.name][0] if base is not None and base.name in bufs else None
@@ -407,13 +408,16 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
                 # 12 KiB under the measured peak of a 6-step unrolled cell)
                 bufs[n.name] = [shared] * (len(val) if isinstance(val, (list, tuple)) else 1)
             else:
-                val = n.meta.get("val")
+                val = n.meta.get("val") if "val" in n.meta else _rng_hop_value(n)
                 vals = list(val) if isinstance(val, (list, tuple)) else [val]
                 fused = n in sim.fused
-                bufs[n.name] = [
-                    sim.new(graph, n, 0 if fused else sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None
-                    for v in vals
-                ]
+
+                def buffer(v):
+                    if isinstance(v, (list, tuple)):  # an op's tuple inside the value: nested buffers
+                        return [buffer(x) for x in v]
+                    return sim.new(graph, n, 0 if fused else sim.size(v), new_kind) if isinstance(v, torch.Tensor) else None
+
+                bufs[n.name] = [buffer(v) for v in vals]
                 scratch = sim.scratch_model(n)
                 if scratch is not None:
                     sim.new(graph, n, scratch(n), TEMP).last_use = sim.step
@@ -421,16 +425,66 @@ def _collect(sim: _Sim, gm, graph: str, placeholder_bufs, new_kind: str, free_ta
             output_args = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
         else:  # get_attr: a constant, resident
             bufs[n.name] = [sim.new(graph, n, 0, RESIDENT)]
-        for b in bufs.get(n.name, []):
+        for b in _flat(bufs.get(n.name, [])):
             if b is not None:  # used by nobody yet: would die right after it is made
                 b.last_use = max(b.last_use, sim.step)
         if n.op != "output":
             use = pos[sim.moved[n]] if n in sim.moved else sim.step  # read where Inductor computes it
             for a in n.all_input_nodes:
-                for b in bufs.get(a.name, []):
+                for b in _flat(bufs.get(a.name, [])):
                     if b is not None:
                         b.last_use = max(b.last_use, use)
     return bufs, output_args, first_step
+
+
+def _flat(bufs: list) -> list:
+    """A node's buffers with nested lists (an op's tuple inside a tuple) flattened."""
+    if not any(isinstance(b, list) for b in bufs):
+        return bufs
+    return [x for b in bufs for x in (_flat(b) if isinstance(b, list) else [b])]
+
+
+#: AOTAutograd's functionalized RNG (``functorch.config.functionalize_rng_ops``, on under a checkpoint
+#: such as HF's ``gradient_checkpointing_enable()``): the forward draws through
+#: ``run_and_save_rng_state(op, *args)`` -> ``(rng_state, op's outputs)``, the backward redraws the same
+#: values through ``run_with_rng_state(rng_state, op, *args)`` -> op's outputs.
+_RNG_HOPS = {"run_and_save_rng_state": 1, "run_with_rng_state": 2}
+
+
+def _rng_hop_value(n: torch.fx.Node):
+    """The value of an RNG higher-order op node, which AOTAutograd leaves without ``meta['val']``: the
+    op run on the arguments' fake values (its outputs, ``getitem`` of them), the RNG state as the graph's
+    ``getitem(node, 0)`` holds it. Without it the dropout a checkpointed HF GPT-2 layer redraws in the
+    backward (the attention probabilities, [2, 4, 256, 256] float and its bool mask: 2.5 MiB) counted
+    nothing, and a streamed plan measured 11.19 MiB against 9.23 predicted."""
+    name = getattr(n.target, "__name__", None) or str(n.target)
+    first = _RNG_HOPS.get(name)
+    if first is None or n.op != "call_function" or len(n.args) < first:
+        return None
+    op = n.args[first - 1]
+    from torch._guards import detect_fake_mode
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    args = [val(a) for a in n.args[first:]]
+    kwargs = {k: val(a) for k, a in n.kwargs.items()}
+    mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    try:
+        if mode is None or any(isinstance(a, torch.fx.Node) and "val" not in a.meta for a in n.args[first:]):
+            raise ValueError("no fake values for the arguments")
+        with mode:
+            out = op(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - fall back to the values the graph's getitems carry
+        users = {u.args[1]: u.meta.get("val") for u in n.users if u.target is operator.getitem}
+        if not users:
+            return None
+        out = tuple(users.get(i) for i in range(max(users) + 1))
+        return out
+    if first == 2:
+        return out
+    states = [u.meta.get("val") for u in n.users if u.target is operator.getitem and u.args[1] == 0]
+    return (states[0] if states else None, out)
 
 
 def _handed_tangents(p: GraphPair, nxt: GraphPair | None, nxt_bw, linked: set) -> dict:
