@@ -13,11 +13,15 @@ done. Configurations:
   logits are not an output);
 * ``memfit=F``: ``memfit.hf.compile(model, budget=F x compile's measured peak)``.
 
+With ``--checkpointing`` every configuration runs with ``model.gradient_checkpointing_enable()`` (the
+users who turn it on to fit, and then compile), and ``hf_checkpointing`` is left out.
+
 Peaks are the allocator's (``memfit.measure``); times are paired (every configuration stays compiled,
 one step of each per round, medians), so a change of load on a shared machine hits them alike.
 
     python benchmarks/hf.py [--family qwen2] [--layers 2] [--width 128] [--vocab 32768] [--tokens 4096]
-                            [--fractions 0.8,0.6,0.4,0.2] [--configs ...] [--rounds 5] [--out hf.md]
+                            [--fractions 0.8,0.6,0.4,0.2] [--configs ...] [--dropout 0] [--checkpointing]
+                            [--rounds 5] [--out hf.md]
 
 Targets (issue 20), on a logits-heavy step (vocabulary >= 32k, >= 4k tokens): memfit's peak <= 0.2x
 plain ``torch.compile``'s at <= 1.15x its time, and at least 2x below ``auto_chunker``'s peak at no
@@ -49,18 +53,19 @@ FAMILIES = ("qwen2", "llama", "gpt2", "gemma2", "phi3")
 PEERS = ("compile", "hf_checkpointing", "memory_budget", "auto_chunker", "auto_chunker_loss")
 
 
-def build(family: str, layers: int, width: int, vocab: int, tokens: int) -> torch.nn.Module:
-    """A causal LM of ``family`` from a small config (dropout off), in training mode."""
+def build(family: str, layers: int, width: int, vocab: int, tokens: int, dropout: float = 0.0) -> torch.nn.Module:
+    """A causal LM of ``family`` from a small config (dropout off unless ``dropout``: then GPT-2's three
+    dropouts, the others' attention dropout), in training mode."""
     import transformers as t
 
     torch.manual_seed(0)
     heads = max(1, width // 32)
     common = dict(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                  num_attention_heads=heads, max_position_embeddings=max(tokens, 2048))
+                  num_attention_heads=heads, max_position_embeddings=max(tokens, 2048), attention_dropout=dropout)
     if family == "gpt2":
         model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads,
-                                               n_positions=max(tokens, 1024), resid_pdrop=0.0, embd_pdrop=0.0,
-                                               attn_pdrop=0.0))
+                                               n_positions=max(tokens, 1024), resid_pdrop=dropout, embd_pdrop=dropout,
+                                               attn_pdrop=dropout))
     elif family == "qwen2":
         model = t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=heads, **common))
     elif family == "llama":
@@ -74,12 +79,13 @@ def build(family: str, layers: int, width: int, vocab: int, tokens: int) -> torc
     return model.train()
 
 
-def configure(name: str, base: torch.nn.Module, ids: torch.Tensor, compile_peak: int | None):
+def configure(name: str, base: torch.nn.Module, ids: torch.Tensor, compile_peak: int | None,
+              checkpointing: bool = False):
     """(step, context for its first call, memfit backend or None) of configuration ``name``."""
     model = copy.deepcopy(base)
     ctx = contextlib.nullcontext()
     backend = None
-    if name == "hf_checkpointing":
+    if name == "hf_checkpointing" or checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if name == "memory_budget":
         ctx = torch._functorch.config.patch(activation_memory_budget=0.5)
@@ -101,13 +107,14 @@ def configure(name: str, base: torch.nn.Module, ids: torch.Tensor, compile_peak:
 def run(args) -> dict:
     torch._dynamo.config.recompile_limit = 64  # every configuration compiles the same forward code
     torch._dynamo.config.accumulated_recompile_limit = 256
-    base = build(args.family, args.layers, args.width, args.vocab, args.tokens)
+    base = build(args.family, args.layers, args.width, args.vocab, args.tokens, args.dropout)
     ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    configs = [c for c in PEERS if c in args.configs] + [f"memfit={f:g}" for f in args.fractions if "memfit" in args.configs]
+    configs = [c for c in PEERS if c in args.configs and not (args.checkpointing and c == "hf_checkpointing")]
+    configs += [f"memfit={f:g}" for f in args.fractions if "memfit" in args.configs]
     rows, steps, compile_peak = [], [], None
     for name in configs:
         t0 = time.perf_counter()
-        step, ctx, backend = configure(name, base, ids, compile_peak)
+        step, ctx, backend = configure(name, base, ids, compile_peak, args.checkpointing)
         row = {"config": name}
         try:
             with ctx:
@@ -137,7 +144,9 @@ def table(result: dict) -> str:
     s = result["setup"]
     rows = result["rows"]
     base = next((r for r in rows if r["config"] == "compile" and "peak" in r), None)
-    head = (f"HF {s['family']} ({s['layers']} layers x {s['width']}, vocabulary {s['vocab']}, 1 x {s['tokens']} tokens), "
+    gc = f", dropout {s['dropout']:g}" if s.get("dropout") else ""
+    gc += ", gradient_checkpointing_enable() in every configuration" if s.get("checkpointing") else ""
+    head = (f"HF {s['family']} ({s['layers']} layers x {s['width']}, vocabulary {s['vocab']}, 1 x {s['tokens']} tokens{gc}), "
             f"CPU, torch {result['torch']}, {result['date']}; times paired, medians of {s['rounds']} rounds")
     lines = [head, "", "| configuration | peak | peak / compile | time | time / compile |", "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -180,11 +189,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--fractions", type=_fractions, default=(0.8, 0.6, 0.4, 0.2))
     p.add_argument("--configs", type=_configs, default=PEERS + ("memfit",))
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (default 0: off)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="model.gradient_checkpointing_enable() in every configuration")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="hf.md", help="the table (Markdown); the rows as JSON beside it")
     args = p.parse_args(argv)
     if args.rounds < 1 or min(args.layers, args.width, args.vocab, args.tokens) < 1:
         p.error("--rounds, --layers, --width, --vocab and --tokens must be positive")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args)
     text = table(result)

@@ -27,6 +27,7 @@ classification heads, whose logits are small) keeps its logits; the report says 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -107,6 +108,24 @@ def _no_cache_under_checkpointing(model: torch.nn.Module, signature: inspect.Sig
     return kw
 
 
+@contextlib.contextmanager
+def _config_without_cache(model: torch.nn.Module):
+    """``model.config.use_cache`` False for the call, where the forward takes no ``use_cache`` to pass: an
+    encoder such as ``BertForMaskedLM`` reads it from the config in its base model
+    (``merge_with_config_defaults``), which warns and turns it off with checkpointing on, and the graph
+    broke there (a BERT with its logits returned by the second graph: refused under 24 MiB). Restored
+    after the call, so that evaluation and ``save_pretrained`` see the config as it was."""
+    cfg = getattr(model, "config", None)
+    if not (getattr(model, "is_gradient_checkpointing", False) and getattr(cfg, "use_cache", False)):
+        yield
+        return
+    cfg.use_cache = False
+    try:
+        yield
+    finally:
+        cfg.use_cache = True
+
+
 def _without_logits(out: Any) -> Any:
     """``out`` rebuilt without its logits (a new object of its class: setting ``out.logits = None`` on
     the traced object still returned the logits from the graph)."""
@@ -161,7 +180,8 @@ def compile(  # noqa: A001  (memfit.hf.compile, as torch.compile)
     @functools.wraps(forward)  # the signature the Trainer inspects (num_items_in_batch) is the model's
     def dispatch(*args: Any, **kw: Any) -> Any:
         if model.training and torch.is_grad_enabled():
-            return compiled(*args, **_no_cache_under_checkpointing(model, signature, kw))
+            with _config_without_cache(model):
+                return compiled(*args, **_no_cache_under_checkpointing(model, signature, kw))
         return forward(*args, **kw)
 
     model.forward = dispatch

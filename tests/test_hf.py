@@ -381,14 +381,16 @@ def test_dropout_trains_streamed_as_plain_compile_draws_it():
     assert any("random op" in n and "native_dropout" in n for n in rec.notes), rec.notes
 
 
-def test_gradient_checkpointing_on_stays_one_graph_without_logits():
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_gradient_checkpointing_on_stays_one_graph_without_logits(family):
     """``model.gradient_checkpointing_enable()``, as users with a tight budget call it: in training the
     model turns its cache off after a ``logger.warning_once`` Dynamo does not trace, so the graph broke
     inside the model and the logits were an output of the graph before the break (a Llama could not be
     planned under 24.00 MiB, its logits held, at a budget of 12.45). ``memfit.hf.compile`` passes
-    ``use_cache=False`` itself: one graph, no logits returned, HF's checkpoint regions kept, and the loss
-    and every gradient are eager's (with checkpointing on too)."""
-    model = _family("llama", vocab=1024, seq=64)
+    ``use_cache=False`` itself (Llama), or clears ``config.use_cache`` for the call where the forward
+    takes none (BERT's base model reads it from the config): one graph, no logits returned, HF's
+    checkpoint regions kept, and the loss and every gradient are eager's (with checkpointing on too)."""
+    model = _family(family, vocab=1024, seq=64)
     model.gradient_checkpointing_enable()
     model.train()
     ref = copy.deepcopy(model)
@@ -402,6 +404,7 @@ def test_gradient_checkpointing_on_stays_one_graph_without_logits():
     (rec,) = model.memfit.backend.latest_records()
     assert out.logits is None
     assert all(t.numel() < 2 * 64 * 1024 for t in _graph_outputs(model.memfit.backend))
+    assert model.config.use_cache == ref.config.use_cache  # as it was, outside the call
     assert any("gradients computed in the forward" in n for n in rec.notes), rec.notes
     # numerics
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-4, atol=1e-5)
