@@ -444,8 +444,8 @@ def _flat(bufs: list) -> list:
     return [x for b in bufs for x in (_flat(b) if isinstance(b, list) else [b])]
 
 
-#: AOTAutograd's functionalized RNG (``functorch.config.functionalize_rng_ops``, on under a checkpoint
-#: such as HF's ``gradient_checkpointing_enable()``): the forward draws through
+#: AOTAutograd's functionalized RNG inside a checkpoint region (``torch.utils.checkpoint``, HF's
+#: ``gradient_checkpointing_enable()``; seen with the eager inner compiler): the forward draws through
 #: ``run_and_save_rng_state(op, *args)`` -> ``(rng_state, op's outputs)``, the backward redraws the same
 #: values through ``run_with_rng_state(rng_state, op, *args)`` -> op's outputs.
 _RNG_HOPS = {"run_and_save_rng_state": 1, "run_with_rng_state": 2}
@@ -477,10 +477,7 @@ def _rng_hop_value(n: torch.fx.Node):
             out = op(*args, **kwargs)
     except Exception:  # noqa: BLE001 - fall back to the values the graph's getitems carry
         users = {u.args[1]: u.meta.get("val") for u in n.users if u.target is operator.getitem}
-        if not users:
-            return None
-        out = tuple(users.get(i) for i in range(max(users) + 1))
-        return out
+        return tuple(users.get(i) for i in range(max(users) + 1)) if users else None
     if first == 2:
         return out
     states = [u.meta.get("val") for u in n.users if u.target is operator.getitem and u.args[1] == 0]
