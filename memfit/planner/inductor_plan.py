@@ -161,6 +161,16 @@ def _extern_scratch(node) -> int:
     return best
 
 
+def _replay_scratch(refs: "_References", node) -> None:
+    """An extern kernel's scratch (:func:`_extern_scratch`): allocated and freed inside the kernel, with
+    its outputs live."""
+    scratch = _extern_scratch(node)
+    if scratch:
+        name = f"{_name(node)} scratch"
+        refs.alloc(name, scratch)
+        refs.unbind(name)
+
+
 def _input_strides(node) -> list | None:
     """The strides of an extern kernel's tensor inputs as Inductor laid them out (hinted ints)."""
     from torch._inductor.virtualized import V
@@ -229,20 +239,13 @@ def _replay_line(refs: _References, line, children: dict[str, list[str]]) -> Non
             for child in children.get(name, ()):
                 refs.alloc(child, _buffer_size(child))
                 refs.hold(name, child)
-        scratch = _extern_scratch(line.node)
-        if scratch:  # allocated and freed inside the kernel, with its outputs live
-            refs.alloc(f"{name} scratch", scratch)
-            refs.unbind(f"{name} scratch")
+        _replay_scratch(refs, line.node)
     elif isinstance(line, w.ExternKernelOutLine):
         # an extern kernel writing into a buffer allocated above (mm, addmm, bmm): a bf16 or fp16 one on
         # the CPU works in packed copies of its operands (an LM head's weight gradient, [4096, 512] x
         # [512, 64] with the first transposed: 0.78 MiB besides its output). Not counted, a bf16-autocast
         # Llama replayed at 7.48 MiB and measured 8.26, over a 7.49 MiB budget.
-        scratch = _extern_scratch(line.node)
-        if scratch:
-            name = f"{_name(line.node)} scratch"
-            refs.alloc(name, scratch)
-            refs.unbind(name)
+        _replay_scratch(refs, line.node)
     elif isinstance(line, w.MultiOutputLine):
         if line.result_name not in refs.ref:  # not allocated with its kernel above
             refs.alloc(line.result_name, _buffer_size(line.result_name))
