@@ -95,26 +95,16 @@ def _labels_given(signature: inspect.Signature | None, args: tuple, kwargs: dict
     return "labels" in params and params.index("labels") < len(args) and args[params.index("labels")] is not None
 
 
-def _no_cache_under_checkpointing(model: torch.nn.Module, signature: inspect.Signature | None, kw: dict) -> dict:
-    """``use_cache=False`` where the model would set it itself: in training with gradient checkpointing on
-    (``model.gradient_checkpointing_enable()``), an HF model whose config asks for the cache turns it off
-    after a ``logger.warning_once``, which Dynamo does not trace: the graph broke inside the model, the
-    logits became an output of the graph before the break, and a Llama with checkpointing on could not be
-    planned under 24.00 MiB (its logits held) at a budget of 12.45. Same value, set before the trace."""
-    if (getattr(model, "is_gradient_checkpointing", False) and kw.get("use_cache") is None
-            and getattr(model.config, "use_cache", False)
-            and (signature is None or "use_cache" in signature.parameters)):
-        return {**kw, "use_cache": False}
-    return kw
-
-
 @contextlib.contextmanager
 def _config_without_cache(model: torch.nn.Module):
-    """``model.config.use_cache`` False for the call, where the forward takes no ``use_cache`` to pass: an
-    encoder such as ``BertForMaskedLM`` reads it from the config in its base model
-    (``merge_with_config_defaults``), which warns and turns it off with checkpointing on, and the graph
-    broke there (a BERT with its logits returned by the second graph: refused under 24 MiB). Restored
-    after the call, so that evaluation and ``save_pretrained`` see the config as it was."""
+    """``model.config.use_cache`` False for the training call, with gradient checkpointing on
+    (``model.gradient_checkpointing_enable()``): the value the model would set itself. It turns the cache
+    off after a ``logger.warning_once`` (in the model's forward, or, in an encoder such as
+    ``BertForMaskedLM``, where its base model reads the config: ``merge_with_config_defaults``), which
+    Dynamo does not trace: the graph broke inside the model, the logits became an output of the graph
+    before the break, and a Llama with checkpointing on could not be planned under 24.00 MiB (its logits
+    held) at a budget of 12.45. Set in the config, since not every forward takes ``use_cache`` (BERT's
+    does not); restored after the call, so that evaluation and ``save_pretrained`` see it as it was."""
     cfg = getattr(model, "config", None)
     if not (getattr(model, "is_gradient_checkpointing", False) and getattr(cfg, "use_cache", False)):
         yield
@@ -181,7 +171,7 @@ def compile(  # noqa: A001  (memfit.hf.compile, as torch.compile)
     def dispatch(*args: Any, **kw: Any) -> Any:
         if model.training and torch.is_grad_enabled():
             with _config_without_cache(model):
-                return compiled(*args, **_no_cache_under_checkpointing(model, signature, kw))
+                return compiled(*args, **kw)
         return forward(*args, **kw)
 
     model.forward = dispatch

@@ -386,10 +386,10 @@ def test_gradient_checkpointing_on_stays_one_graph_without_logits(family):
     """``model.gradient_checkpointing_enable()``, as users with a tight budget call it: in training the
     model turns its cache off after a ``logger.warning_once`` Dynamo does not trace, so the graph broke
     inside the model and the logits were an output of the graph before the break (a Llama could not be
-    planned under 24.00 MiB, its logits held, at a budget of 12.45). ``memfit.hf.compile`` passes
-    ``use_cache=False`` itself (Llama), or clears ``config.use_cache`` for the call where the forward
-    takes none (BERT's base model reads it from the config): one graph, no logits returned, HF's
-    checkpoint regions kept, and the loss and every gradient are eager's (with checkpointing on too)."""
+    planned under 24.00 MiB, its logits held, at a budget of 12.45). ``memfit.hf.compile`` clears
+    ``config.use_cache`` for the call (BERT's forward takes no ``use_cache``; its base model reads the
+    config) and restores it: one graph, no logits returned, HF's checkpoint regions kept, and the loss
+    and every gradient are eager's (with checkpointing on too)."""
     model = _family(family, vocab=1024, seq=64)
     model.gradient_checkpointing_enable()
     model.train()
