@@ -68,10 +68,7 @@ def test_whole_model_is_one_graph_without_logits(name):
     labels = ids.clone()
     labels[:, :5] = -100  # ignore_index reaches the loss as the model computes it
 
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    want = ref(input_ids=ids, labels=labels)
-    want.loss.backward()
+    out, want = _train_both(model, ref, input_ids=ids, labels=labels)
 
     # numerics: the loss and every gradient (fp32 rounding under inner="eager")
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
@@ -95,6 +92,15 @@ def test_whole_model_is_one_graph_without_logits(name):
     model.train(), ref.train()
     torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert type(model).forward is own_forward  # the class is untouched: other instances are not compiled
+
+
+def _train_both(model, ref, **kw):
+    """One forward and backward of ``model`` and of its eager twin ``ref`` on the same inputs."""
+    out = model(**kw)
+    out.loss.backward()
+    want = ref(**kw)
+    want.loss.backward()
+    return out, want
 
 
 def _graph_outputs(backend):
@@ -396,10 +402,7 @@ def test_gradient_checkpointing_on_stays_one_graph_without_logits(family):
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
     memfit.hf.compile(model, passes=["stream"], stream_chunks=4, inner="eager")
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    want = ref(input_ids=ids, labels=ids)
-    want.loss.backward()
+    out, want = _train_both(model, ref, input_ids=ids, labels=ids)
     # structure: one graph, the logits not returned by it (nor to the caller), the LM head streamed
     (rec,) = model.memfit.backend.latest_records()
     assert out.logits is None
@@ -451,9 +454,6 @@ def test_checkpointing_with_dropout_is_predicted_as_measured(dropout):
     assert abs(rec.peak_bytes - got.peak_bytes) <= 4096, (rec.peak_bytes / 2**20, got.peak_bytes / 2**20)
     if dropout == 0.0:  # numerics, where eager draws nothing
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        want = ref(input_ids=ids, labels=ids)
-        want.loss.backward()
+        out, want = _train_both(model, ref, input_ids=ids, labels=ids)
         torch.testing.assert_close(out.loss, want.loss, rtol=1e-4, atol=1e-5)
         _assert_grads_close(model, ref, rtol=1e-4, atol=1e-4)
